@@ -1,0 +1,3 @@
+from mdlm_atat.cli import main
+
+raise SystemExit(main())
