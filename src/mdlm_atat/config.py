@@ -1,0 +1,330 @@
+"""One typed root config, built from YAML plus `key=value` overrides and validated once (DESIGN section 2).
+
+Each section is a small dataclass; a component receives only its own section. Every error a user can cause
+here is a `ConfigError` whose message names the key (`training.learning_rate`) and says what would be valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad config value; the message names the key and the fix."""
+
+
+# Denoiser presets (DESIGN 3.1, issue 2): hidden width, blocks, heads.
+MODEL_SIZES: dict[str, tuple[int, int, int]] = {
+    "tiny": (512, 8, 8),
+    "small": (768, 12, 12),
+    "medium": (1024, 24, 16),
+}
+
+
+@dataclass
+class DataConfig:
+    # "stdlib-docs" (text shipped with CPython, offline), a local .jsonl/.txt file or folder, or a HF dataset name.
+    dataset_name: str = "stdlib-docs"
+    dataset_config: str | None = None
+    streaming: bool = False
+    cache_dir: str = "~/.cache/mdlm_atat"
+    train_split: str = "train"
+    val_split: str = "validation"
+    test_split: str = "test"
+    batch_size: int = 32  # sequences per device per micro-step
+    max_length: int = 1024  # L: tokens per sequence, BOS and EOS included
+    num_workers: int = 4
+    # "bpe" (byte-level BPE trained on the training split, cached), a local tokenizer folder, or a HF name.
+    tokenizer: str = "bpe"
+    tokenizer_vocab_size: int = 4096  # only for tokenizer: bpe
+    framing: str = "packed"  # MDLM: documents + EOS concatenated, cut into L - 2, framed BOS ... EOS
+
+
+@dataclass
+class ModelConfig:
+    name: str = "atat-dit"
+    size: str | None = None  # tiny | small | medium: fills hidden_dim / num_layers / num_heads
+    hidden_dim: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    cond_dim: int = 128
+    mlp_ratio: int = 4
+    dropout: float = 0.1
+    time_conditioning: bool = False  # MDLM's default: the denoiser does not see t
+    vocab_size: int | None = None  # the tokenizer's vocabulary (MASK excluded); null = take it from the tokenizer
+
+
+@dataclass
+class DiffusionConfig:
+    eps: float = 1e-3  # log-linear schedule floor (DESIGN 3.1)
+    antithetic: bool = True  # stratified t over the batch
+    eval_num_t: int = 4  # stratified t per sequence for the validation bound
+
+
+@dataclass
+class TrainingConfig:
+    total_steps: int = 500_000  # optimiser steps; the LR schedule and the curriculum use it
+    warmup_steps: int = 2_500
+    learning_rate: float = 3e-4
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    lr_schedule: str = "constant"  # constant | cosine (after the linear warm-up)
+    min_lr_ratio: float = 0.1  # cosine ends at learning_rate * min_lr_ratio
+    grad_clip: float = 1.0
+    gradient_accumulation_steps: int = 1
+    ema_decay: float = 0.9999  # 0 disables the EMA
+    log_every_n_steps: int = 100
+    eval_every_n_steps: int = 5_000
+    eval_batches: int = 50  # validation batches per evaluation; 0 = the whole split
+    save_every_n_steps: int = 10_000
+    mixed_precision: str = "bf16"  # bf16 | fp32; bf16 applies on CUDA only, CPU runs in fp32
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    compile: bool = False
+
+
+@dataclass
+class CurriculumConfig:
+    stage_1_end: float = 0.33
+    stage_2_end: float = 0.66
+
+
+@dataclass
+class LoggingConfig:
+    wandb_project: str | None = None
+    wandb_entity: str | None = None
+    save_logs_dir: str = "runs"  # parent folder of run folders when --log-dir is not given
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def hash(self) -> str:
+        """Short, stable hash of the resolved config (reported by eval beside the numbers)."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Building: dict -> dataclasses, with type checks that name the key.
+
+
+def _allowed_types(annotation: Any) -> tuple[type, ...]:
+    """(int,) for `int`; (str, NoneType) for `str | None`; floats also accept ints."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        return tuple(type(None) if a is None else a for a in typing.get_args(annotation))
+    return (annotation,)
+
+
+def _check_type(key: str, value: Any, annotation: Any) -> Any:
+    allowed = _allowed_types(annotation)
+    if value is None:
+        if type(None) in allowed:
+            return None
+        raise ConfigError(f"{key}: must not be null")
+    # bool is a subclass of int in Python: accept it only where a bool is wanted.
+    if isinstance(value, bool):
+        if bool in allowed:
+            return value
+    elif float in allowed and isinstance(value, (int, float)):
+        return float(value)
+    elif int in allowed and isinstance(value, int):
+        return value
+    elif str in allowed and isinstance(value, str):
+        return value
+    names = " or ".join("null" if a is type(None) else a.__name__ for a in allowed)
+    raise ConfigError(f"{key}: expected {names}, got {value!r} ({type(value).__name__})")
+
+
+def _build_section(cls: type, raw: Any, prefix: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix}: expected a mapping of keys, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)  # resolves the string annotations of `from __future__ import annotations`
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{prefix}.{unknown[0]}: unknown key; valid keys in '{prefix}' are: {', '.join(fields)}"
+        )
+    kwargs = {name: _check_type(f"{prefix}.{name}", value, hints[name]) for name, value in raw.items()}
+    return cls(**kwargs)
+
+
+def _apply_model_size(model: ModelConfig, raw: dict[str, Any]) -> None:
+    if model.size is None:
+        return
+    if model.size not in MODEL_SIZES:
+        raise ConfigError(f"model.size: unknown size {model.size!r}; choose one of {', '.join(MODEL_SIZES)}")
+    preset = dict(zip(("hidden_dim", "num_layers", "num_heads"), MODEL_SIZES[model.size]))
+    for key, value in preset.items():
+        if key in raw and raw[key] != value:
+            raise ConfigError(
+                f"model.{key}: {raw[key]} conflicts with model.size={model.size} ({value}); set one of the two"
+            )
+        setattr(model, key, value)
+
+
+def from_dict(raw: dict[str, Any]) -> Config:
+    """Build and validate a Config from a nested dict (as read from YAML)."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config: expected a mapping of sections, got {type(raw).__name__}")
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    unknown = sorted(set(raw) - set(sections))
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: unknown section; valid sections are: {', '.join(sections)}")
+    built = {}
+    for name, f in sections.items():
+        section_cls = f.default_factory().__class__  # type: ignore[misc]
+        built[name] = _build_section(section_cls, raw.get(name), name)
+    cfg = Config(**built)
+    _apply_model_size(cfg.model, raw.get("model") or {})
+    validate(cfg)
+    return cfg
+
+
+def _parse_value(text: str) -> Any:
+    """`key=value` values are YAML scalars: 1e-4, true, null, 'text'."""
+    value = yaml.safe_load(text)
+    # YAML 1.1 reads "1e-4" as a string (no dot); users mean a number.
+    if isinstance(value, str):
+        try:
+            return float(value) if any(c in value.lower() for c in ".e") else int(value)
+        except ValueError:
+            return value
+    return value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `section.key=value` overrides to a raw config dict (returns a new dict)."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in (raw or {}).items()}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"{item}: overrides are written section.key=value, e.g. training.learning_rate=1e-4")
+        key, text = item.split("=", 1)
+        parts = key.strip().split(".")
+        if len(parts) != 2 or not all(parts):
+            raise ConfigError(f"{key}: overrides name one key inside a section, e.g. model.hidden_dim=256")
+        section, name = parts
+        if not isinstance(out.get(section, {}), dict):
+            raise ConfigError(f"{section}: expected a mapping of keys, got {out[section]!r}")
+        out.setdefault(section, {})
+        if out[section] is None:
+            out[section] = {}
+        out[section][name] = _parse_value(text)
+    return out
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML file (or start from the defaults when path is None), apply overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"--config {path}: file not found; the shipped configs are in configs/atat/")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--config {path}: not valid YAML ({err})") from None
+    return from_dict(apply_overrides(raw, overrides or []))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Validation of values (types were checked while building).
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def _one_of(value: Any, key: str, choices: tuple[str, ...]) -> None:
+    _require(value in choices, key, f"{value!r} is not one of {', '.join(choices)}")
+
+
+MODEL_NAMES = ("atat-dit", "mdlm-dit")
+
+
+def validate(cfg: Config) -> None:
+    d, m, df, t, c = cfg.data, cfg.model, cfg.diffusion, cfg.training, cfg.curriculum
+    _require(d.batch_size >= 1, "data.batch_size", f"must be >= 1, got {d.batch_size}")
+    _require(d.max_length >= 4, "data.max_length", f"must be >= 4 (BOS, EOS and content), got {d.max_length}")
+    _require(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
+    _require(d.tokenizer_vocab_size >= 260, "data.tokenizer_vocab_size", "must be >= 260 (256 bytes + specials)")
+    _one_of(d.framing, "data.framing", ("packed",))
+
+    _one_of(m.name, "model.name", MODEL_NAMES)
+    _require(m.hidden_dim >= 8, "model.hidden_dim", f"must be >= 8, got {m.hidden_dim}")
+    _require(m.num_layers >= 1, "model.num_layers", f"must be >= 1, got {m.num_layers}")
+    _require(m.num_heads >= 1, "model.num_heads", f"must be >= 1, got {m.num_heads}")
+    _require(
+        m.hidden_dim % m.num_heads == 0 and (m.hidden_dim // m.num_heads) % 2 == 0,
+        "model.num_heads",
+        f"hidden_dim {m.hidden_dim} / num_heads {m.num_heads} must be an even integer head width (rotary)",
+    )
+    _require(m.cond_dim >= 1, "model.cond_dim", f"must be >= 1, got {m.cond_dim}")
+    _require(m.mlp_ratio >= 1, "model.mlp_ratio", f"must be >= 1, got {m.mlp_ratio}")
+    _require(0.0 <= m.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {m.dropout}")
+    _require(m.vocab_size is None or m.vocab_size >= 2, "model.vocab_size", "must be >= 2 or null")
+
+    _require(0.0 < df.eps < 0.5, "diffusion.eps", f"must be in (0, 0.5), got {df.eps}")
+    _require(df.eval_num_t >= 1, "diffusion.eval_num_t", f"must be >= 1, got {df.eval_num_t}")
+
+    _require(t.total_steps >= 1, "training.total_steps", f"must be >= 1, got {t.total_steps}")
+    _require(t.warmup_steps >= 0, "training.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
+    _require(t.learning_rate > 0, "training.learning_rate", f"must be > 0, got {t.learning_rate}")
+    _require(t.weight_decay >= 0, "training.weight_decay", f"must be >= 0, got {t.weight_decay}")
+    _require(0 <= t.beta1 < 1, "training.beta1", f"must be in [0, 1), got {t.beta1}")
+    _require(0 <= t.beta2 < 1, "training.beta2", f"must be in [0, 1), got {t.beta2}")
+    _one_of(t.lr_schedule, "training.lr_schedule", ("constant", "cosine"))
+    _require(0 <= t.min_lr_ratio <= 1, "training.min_lr_ratio", f"must be in [0, 1], got {t.min_lr_ratio}")
+    _require(t.grad_clip >= 0, "training.grad_clip", f"must be >= 0 (0 disables), got {t.grad_clip}")
+    _require(
+        t.gradient_accumulation_steps >= 1,
+        "training.gradient_accumulation_steps",
+        f"must be >= 1, got {t.gradient_accumulation_steps}",
+    )
+    _require(0 <= t.ema_decay < 1, "training.ema_decay", f"must be in [0, 1) (0 disables), got {t.ema_decay}")
+    for key in ("log_every_n_steps", "eval_every_n_steps", "save_every_n_steps"):
+        value = getattr(t, key)
+        _require(value >= 1, f"training.{key}", f"must be >= 1, got {value}")
+    _require(t.eval_batches >= 0, "training.eval_batches", f"must be >= 0 (0 = whole split), got {t.eval_batches}")
+    _one_of(t.mixed_precision, "training.mixed_precision", ("bf16", "fp32"))
+    _require(
+        t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"),
+        "training.device",
+        f"{t.device!r} is not auto, cpu, cuda or cuda:N",
+    )
+
+    _require(0 < c.stage_1_end < 1, "curriculum.stage_1_end", f"must be in (0, 1), got {c.stage_1_end}")
+    _require(0 < c.stage_2_end <= 1, "curriculum.stage_2_end", f"must be in (0, 1], got {c.stage_2_end}")
+    _require(
+        c.stage_1_end <= c.stage_2_end,
+        "curriculum.stage_1_end",
+        f"{c.stage_1_end} must not exceed curriculum.stage_2_end ({c.stage_2_end})",
+    )
