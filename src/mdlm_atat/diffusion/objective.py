@@ -1,0 +1,121 @@
+"""The MDLM objective: corruption, SUBS parameterisation and the continuous-time NELBO (DESIGN 3.1).
+
+The denoiser only maps (x_t, noise level) to logits; everything about masking, weighting and reduction is
+here, so the trainer, the evaluation bound and (later) adaptive masking share one definition.
+
+SUBS (Sahoo et al. 2024, section 3.2): the MASK logit is -inf, so log p is a log-softmax over the real
+tokens; a position that is not masked in x_t carries its token over with log p = 0, so it adds nothing to the
+loss. We therefore evaluate the log-softmax only at masked positions, which gives exactly SUBS's loss without
+building the (B, L, V) SUBS tensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from mdlm_atat.diffusion.schedule import LogLinearSchedule
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t (B, L), noise (B,)) -> logits (B, L, V)
+
+
+@dataclass
+class NelboTerms:
+    """The NELBO estimate of one batch, as named terms (nats)."""
+
+    loss: torch.Tensor  # scalar: nll_sum / num_tokens, nats per token; what training minimises
+    nll_sum: torch.Tensor  # scalar: sum over masked positions of weight * -log p(x0_i | x_t)
+    num_tokens: torch.Tensor  # scalar: real (non-padding) tokens, masked or not: the denominator
+    num_masked: torch.Tensor  # scalar: masked positions
+    token_loss: torch.Tensor  # (B, L): weight * -log p at masked positions, exactly 0 elsewhere
+    t: torch.Tensor  # (B,): the diffusion times used
+    tokens_per_sequence: torch.Tensor  # (B,): real tokens per sequence
+
+    @property
+    def sequence_loss(self) -> torch.Tensor:
+        """Per-sequence NELBO in nats per token, (B,): the unit the evaluation's standard error is over."""
+        return self.token_loss.sum(-1) / self.tokens_per_sequence
+
+
+def masked_token_nll(logits: torch.Tensor, x0: torch.Tensor, masked: torch.Tensor, mask_id: int) -> torch.Tensor:
+    """-log p_theta(x0_i | x_t) under SUBS at masked positions, 0 elsewhere.
+
+    logits (B, L, V) in any dtype, x0 (B, L) long, masked (B, L) bool -> (B, L) float32.
+    The log-sum-exp runs in float32 over the masked rows only (M, V): a bf16 log-softmax over 50k classes
+    loses about 2 decimal digits.
+    """
+    rows = logits[masked].float()  # (M, V)
+    is_mask_column = torch.zeros(rows.shape[-1], dtype=torch.bool, device=rows.device)
+    is_mask_column[mask_id] = True
+    rows = rows.masked_fill(is_mask_column, float("-inf"))  # SUBS: MASK is never predicted
+    target = x0[masked]  # (M,)
+    nll = torch.logsumexp(rows, dim=-1) - rows.gather(-1, target[:, None]).squeeze(-1)  # (M,)
+    out = torch.zeros(x0.shape, dtype=torch.float32, device=x0.device)
+    return out.masked_scatter(masked, nll)
+
+
+class MaskedDiffusionObjective:
+    """Uniform (MDLM) masking and the continuous-time NELBO in nats per token."""
+
+    def __init__(self, schedule: LogLinearSchedule, mask_id: int, antithetic: bool = True):
+        self.schedule = schedule
+        self.mask_id = mask_id
+        self.antithetic = antithetic
+
+    def sample_t(self, num: int, device: torch.device | str, generator: torch.Generator | None = None):
+        return self.schedule.sample_t(num, device=device, antithetic=self.antithetic, generator=generator)
+
+    def corrupt(
+        self,
+        x0: torch.Tensor,
+        t: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        uniform_noise: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward process q(x_t | x0): each real token becomes MASK with probability alpha(t).
+
+        x0 (B, L), t (B,) -> x_t (B, L), masked (B, L) bool. Padding is never masked. `uniform_noise` (B, L)
+        in [0, 1) replaces the draw (evaluation passes noise drawn on the CPU so results match across devices).
+        """
+        probs = self.schedule.mask_prob(t)[:, None]  # (B, 1)
+        if uniform_noise is None:
+            uniform_noise = torch.rand(x0.shape, device=x0.device, generator=generator)
+        masked = uniform_noise < probs  # (B, L)
+        if attention_mask is not None:
+            masked &= attention_mask.bool()
+        x_t = torch.where(masked, torch.full_like(x0, self.mask_id), x0)
+        return x_t, masked
+
+    def __call__(
+        self,
+        model: Denoiser,
+        x0: torch.Tensor,
+        t: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        uniform_noise: torch.Tensor | None = None,
+    ) -> NelboTerms:
+        """One Monte Carlo estimate of the NELBO for a batch x0 (B, L)."""
+        if t is None:
+            t = self.sample_t(x0.shape[0], x0.device, generator)
+        x_t, masked = self.corrupt(x0, t, attention_mask, generator, uniform_noise)
+        logits = model(x_t, self.schedule.total_noise(t))  # (B, L, V)
+        token_loss = masked_token_nll(logits, x0, masked, self.mask_id) * self.schedule.loss_weight(t)[:, None]
+        if attention_mask is None:
+            tokens_per_sequence = torch.full((x0.shape[0],), x0.shape[1], device=x0.device, dtype=torch.float32)
+        else:
+            tokens_per_sequence = attention_mask.float().sum(-1)
+        num_tokens = tokens_per_sequence.sum()
+        nll_sum = token_loss.sum()
+        return NelboTerms(
+            loss=nll_sum / num_tokens,
+            nll_sum=nll_sum,
+            num_tokens=num_tokens,
+            num_masked=masked.sum(),
+            token_loss=token_loss,
+            t=t,
+            tokens_per_sequence=tokens_per_sequence,
+        )
