@@ -1,0 +1,266 @@
+"""MDLM's DiT denoiser: (x_t, noise level) -> logits (DESIGN 3.1).
+
+A plain-PyTorch re-implementation of the diffusion transformer of MDLM (Sahoo et al. 2024, "Simple and
+Effective Masked Diffusion Language Models", github.com/kuleshov-group/mdlm, `models/dit.py`), itself DiT
+(Peebles & Xie 2023) adapted to text: bias-free LayerNorm, adaLN-zero conditioning on the noise level, rotary
+position embeddings on q and k, bidirectional attention, GELU-tanh MLP, zero-initialised output layer.
+
+Differences from MDLM's file, none of which changes the function computed:
+- attention is `F.scaled_dot_product_attention` instead of flash-attn's varlen kernel;
+- rotary angles are computed in float32 from positions on every call (no cached buffers), so the model can be
+  built on the meta device and compiled without graph breaks;
+- mixed precision is the caller's `torch.autocast`; MDLM hard-codes bf16 autocast inside `forward`.
+
+Parameter names follow MDLM's (`vocab_embed.embedding`, `sigma_map.mlp.0`, `blocks.N.attn_qkv`, ...), so its
+state dicts line up key for key (MDLM's also holds the buffer `rotary_emb.inv_freq`, which this one does not).
+
+The denoiser returns logits only: SUBS masking, weighting and reduction belong to the objective.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mdlm_atat.config import ModelConfig
+
+ROTARY_BASE = 10_000
+FREQUENCY_EMBEDDING_SIZE = 256  # sinusoidal width of the noise-level embedding (DiT, MDLM)
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of parameters (shared ones once); works on the meta device."""
+    return sum(p.numel() for p in module.parameters())
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    # `1 + scale` so that the zero-initialised adaLN starts as the identity (adaLN-zero, DiT).
+    return x * (1 + scale) + shift
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Rotary position embeddings (Su et al. 2021), rotate-half convention on the full head width, as flash-attn's
+# `apply_rotary_emb_qkv_` (interleaved=False) does in MDLM.
+
+
+def rotary_cos_sin(
+    seq_len: int, head_dim: int, device: torch.device | str | None = None, base: float = ROTARY_BASE
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotary angles, each (seq_len, head_dim), float32.
+
+    Built with elementwise ops only: an outer product via matmul or einsum would be cast to bf16 under
+    autocast, and bf16 cannot represent positions above 256 exactly.
+    """
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    positions = torch.arange(seq_len, device=device, dtype=torch.float32)
+    angles = positions[:, None] * inv_freq[None, :]  # (L, hd / 2)
+    angles = torch.cat((angles, angles), dim=-1)  # (L, hd): the two halves share frequencies (rotate-half)
+    return angles.cos(), angles.sin()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (..., L, H, hd) by position; cos, sin (L, hd). Computed in float32, returned in x's dtype."""
+    cos, sin = cos[:, None, :], sin[:, None, :]  # (L, 1, hd): broadcast over heads
+    x32 = x.float()
+    return (x32 * cos + rotate_half(x32) * sin).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Layers
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with a weight and no bias, computed in float32 (MDLM turns autocast off for it)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            out = F.layer_norm(x.float(), (self.dim,), self.weight.float())
+        return out.to(x.dtype)
+
+
+class TokenEmbedding(nn.Module):
+    """A raw (num_tokens, D) table, initialised like nn.Linear rather than nn.Embedding's N(0, 1), as MDLM."""
+
+    def __init__(self, dim: int, num_tokens: int):
+        super().__init__()
+        self.embedding = nn.Parameter(torch.empty(num_tokens, dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.kaiming_uniform_(self.embedding, a=math.sqrt(5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.embedding(x, self.embedding)  # (B, L, D)
+
+
+class TimestepEmbedder(nn.Module):
+    """Noise level (B,) -> (B, cond): sinusoidal features, then a two-layer SiLU MLP (DiT, MDLM)."""
+
+    def __init__(self, cond_dim: int, frequency_embedding_size: int = FREQUENCY_EMBEDDING_SIZE):
+        super().__init__()
+        self.frequency_embedding_size = frequency_embedding_size
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, cond_dim, bias=True),
+            nn.SiLU(),
+            nn.Linear(cond_dim, cond_dim, bias=True),
+        )
+
+    @staticmethod
+    def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000) -> torch.Tensor:
+        """(B,) -> (B, dim) float32: [cos(t f_k), sin(t f_k)], f_k geometric from 1 to 1 / max_period."""
+        half = dim // 2
+        freqs = torch.exp(
+            -math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half
+        )  # (half,)
+        args = t[:, None].float() * freqs[None, :]  # (B, half)
+        embedding = torch.cat((torch.cos(args), torch.sin(args)), dim=-1)
+        if dim % 2:
+            embedding = torch.cat((embedding, torch.zeros_like(embedding[:, :1])), dim=-1)
+        return embedding
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.timestep_embedding(t, self.frequency_embedding_size))  # (B, cond)
+
+
+class DiTBlock(nn.Module):
+    """Pre-norm transformer block with adaLN-zero: each branch is shifted and scaled by c, then gated."""
+
+    def __init__(
+        self, dim: int, num_heads: int, cond_dim: int, mlp_ratio: int = 4, dropout: float = 0.1, causal: bool = False
+    ):
+        super().__init__()
+        self.num_heads = num_heads
+        self.causal = causal
+
+        self.norm1 = LayerNorm(dim)
+        self.attn_qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.attn_out = nn.Linear(dim, dim, bias=False)
+        self.dropout1 = nn.Dropout(dropout)
+
+        self.norm2 = LayerNorm(dim)
+        self.mlp = nn.Sequential(
+            nn.Linear(dim, mlp_ratio * dim, bias=True),
+            nn.GELU(approximate="tanh"),
+            nn.Linear(mlp_ratio * dim, dim, bias=True),
+        )
+        self.dropout2 = nn.Dropout(dropout)
+
+        self.adaLN_modulation = nn.Linear(cond_dim, 6 * dim, bias=True)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # adaLN-zero: every gate starts at 0, so each block starts as the identity on the residual stream.
+        nn.init.zeros_(self.adaLN_modulation.weight)
+        nn.init.zeros_(self.adaLN_modulation.bias)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        B, L, D = x.shape
+        H = self.num_heads
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c)[:, None].chunk(
+            6, dim=-1
+        )  # each (B, 1, D)
+
+        # attention
+        h = modulate(self.norm1(x), shift_msa, scale_msa)  # (B, L, D)
+        q, k, v = self.attn_qkv(h).view(B, L, 3, H, D // H).unbind(dim=2)  # each (B, L, H, hd)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        h = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=self.causal
+        )  # (B, H, L, hd); MDLM uses no attention dropout
+        h = h.transpose(1, 2).reshape(B, L, D)
+        x = x + gate_msa * self.dropout1(self.attn_out(h))
+
+        # MLP
+        h = self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x + gate_mlp * self.dropout2(h)  # (B, L, D)
+
+
+class FinalLayer(nn.Module):
+    """Norm, adaLN shift/scale, then the output projection; all zero-initialised but the norm."""
+
+    def __init__(self, dim: int, num_tokens: int, cond_dim: int):
+        super().__init__()
+        self.norm_final = LayerNorm(dim)
+        self.linear = nn.Linear(dim, num_tokens, bias=True)
+        self.adaLN_modulation = nn.Linear(cond_dim, 2 * dim, bias=True)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # A zero output layer makes the untrained model uniform over tokens: the initial loss is
+        # (1 - eps) ln V (DESIGN 3.1), a check the objective's tests rely on.
+        for linear in (self.linear, self.adaLN_modulation):
+            nn.init.zeros_(linear.weight)
+            nn.init.zeros_(linear.bias)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c)[:, None].chunk(2, dim=-1)  # each (B, 1, D)
+        return self.linear(modulate(self.norm_final(x), shift, scale))  # (B, L, num_tokens)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The denoiser
+
+
+class DiT(nn.Module):
+    """MDLM's denoiser: tokens x_t (B, L) and noise level (B,) -> logits (B, L, num_tokens).
+
+    `num_tokens` is the vocabulary including the MASK id (rows of the embedding, columns of the output).
+    `noise_level` is whatever the objective conditions on (MDLM feeds sigma(t) = -log(1 - (1 - eps) t)); with
+    `cfg.time_conditioning` off it is replaced by zeros, as in MDLM, so the adaLN layers act as learned biases.
+    `causal=True` turns the attention causal (for autoregressive baselines); MDLM itself is bidirectional.
+    """
+
+    def __init__(self, cfg: ModelConfig, num_tokens: int, causal: bool = False):
+        super().__init__()
+        if cfg.hidden_dim % cfg.num_heads or (cfg.hidden_dim // cfg.num_heads) % 2:
+            raise ValueError(
+                f"model.num_heads: hidden_dim {cfg.hidden_dim} / num_heads {cfg.num_heads} must be an even integer"
+            )
+        self.num_tokens = num_tokens
+        self.head_dim = cfg.hidden_dim // cfg.num_heads
+        self.time_conditioning = cfg.time_conditioning
+        self.causal = causal
+
+        self.vocab_embed = TokenEmbedding(cfg.hidden_dim, num_tokens)
+        self.sigma_map = TimestepEmbedder(cfg.cond_dim)
+        self.blocks = nn.ModuleList(
+            DiTBlock(cfg.hidden_dim, cfg.num_heads, cfg.cond_dim, cfg.mlp_ratio, cfg.dropout, causal)
+            for _ in range(cfg.num_layers)
+        )
+        self.output_layer = FinalLayer(cfg.hidden_dim, num_tokens, cfg.cond_dim)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """MDLM's initialisation, again: for a model built on the meta device and then `to_empty()`."""
+        for module in self.modules():
+            if isinstance(module, LayerNorm):
+                nn.init.ones_(module.weight)
+            elif isinstance(module, (nn.Linear, TokenEmbedding)):
+                module.reset_parameters()
+        # After the nn.Linear defaults, so that the zero-inits win.
+        for module in self.modules():
+            if isinstance(module, (DiTBlock, FinalLayer)):
+                module.reset_parameters()
+
+    def forward(self, x_t: torch.Tensor, noise_level: torch.Tensor) -> torch.Tensor:
+        if not self.time_conditioning:
+            noise_level = torch.zeros_like(noise_level)
+        x = self.vocab_embed(x_t)  # (B, L, D)
+        c = F.silu(self.sigma_map(noise_level))  # (B, cond)
+        cos, sin = rotary_cos_sin(x_t.shape[1], self.head_dim, device=x_t.device)  # each (L, hd)
+        for block in self.blocks:
+            x = block(x, cos, sin, c)
+        return self.output_layer(x, c)  # (B, L, num_tokens), in the autocast dtype if any

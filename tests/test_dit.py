@@ -1,0 +1,146 @@
+"""The DiT denoiser (DESIGN 3.1): shapes, MDLM's initialisation and size, rotary, attention mask, conditioning."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mdlm_atat.config import MODEL_SIZES, ModelConfig
+from mdlm_atat.models.dit import DiT, apply_rotary, count_parameters, rotary_cos_sin
+
+NUM_TOKENS = 37  # small vocabulary; the last id plays MASK
+
+
+def tiny_cfg(**overrides) -> ModelConfig:
+    fields = dict(hidden_dim=32, num_layers=2, num_heads=2, cond_dim=16, dropout=0.0)
+    fields.update(overrides)
+    return ModelConfig(**fields)
+
+
+def randomise(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Move every parameter off MDLM's zero init, which would otherwise make every block the identity."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    return model
+
+
+def inputs(batch: int = 2, length: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    x_t = torch.randint(0, NUM_TOKENS, (batch, length), generator=gen)
+    noise_level = torch.rand(batch, generator=gen)
+    return x_t, noise_level
+
+
+def test_shape_dtype_and_zero_logits_at_init():
+    torch.manual_seed(0)
+    model = DiT(tiny_cfg(), NUM_TOKENS)
+    x_t, t = inputs()
+    logits = model(x_t, t)
+    assert logits.shape == (2, 8, NUM_TOKENS)
+    assert logits.dtype == torch.float32
+    # The zero-initialised output layer makes the untrained model uniform: initial loss (1 - eps) ln V.
+    assert torch.equal(logits, torch.zeros_like(logits))
+
+
+def test_small_preset_has_mdlm_parameter_count():
+    hidden, layers, heads = MODEL_SIZES["small"]
+    with torch.device("meta"):
+        model = DiT(ModelConfig(hidden_dim=hidden, num_layers=layers, num_heads=heads, cond_dim=128), 50258)
+    # MDLM-small with untied embeddings (DESIGN 3.1): 169,627,218 by hand.
+    assert count_parameters(model) == 169_627_218
+    assert abs(count_parameters(model) - 169.6e6) <= 0.1e6
+
+
+@pytest.mark.parametrize("size", ["tiny", "medium"])
+def test_other_presets_build_on_meta(size):
+    hidden, layers, heads = MODEL_SIZES[size]
+    with torch.device("meta"):
+        model = DiT(ModelConfig(hidden_dim=hidden, num_layers=layers, num_heads=heads), 50258)
+    assert len(model.blocks) == layers
+    assert count_parameters(model) > 0
+
+
+def test_meta_build_then_init_weights_matches_mdlm_init():
+    with torch.device("meta"):
+        model = DiT(tiny_cfg(), NUM_TOKENS)
+    model.to_empty(device="cpu")
+    torch.manual_seed(0)
+    model.init_weights()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert torch.equal(model.output_layer.linear.weight, torch.zeros_like(model.output_layer.linear.weight))
+    assert model.vocab_embed.embedding.std() > 0
+    logits = model(*inputs())
+    assert torch.equal(logits, torch.zeros_like(logits))
+
+
+def test_rotary_scores_depend_only_on_relative_position():
+    torch.manual_seed(0)
+    head_dim, shift = 16, 37
+    cos, sin = rotary_cos_sin(128, head_dim)
+    q, k = torch.randn(1, 1, head_dim), torch.randn(1, 1, head_dim)  # (L=1, H=1, hd)
+
+    def rot(x, pos):
+        return apply_rotary(x, cos[pos : pos + 1], sin[pos : pos + 1])
+
+    for m, n in [(0, 5), (3, 3), (40, 2)]:
+        score = (rot(q, m) * rot(k, n)).sum()
+        shifted = (rot(q, m + shift) * rot(k, n + shift)).sum()
+        torch.testing.assert_close(score, shifted, rtol=1e-5, atol=1e-5)
+    # ... and does depend on it (the rotation is not trivial), and it preserves norms.
+    assert not torch.allclose((rot(q, 0) * rot(k, 5)).sum(), (rot(q, 0) * rot(k, 6)).sum())
+    torch.testing.assert_close(rot(q, 50).norm(), q.norm())
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_sees_the_future_only_when_not_causal(causal):
+    torch.manual_seed(0)
+    model = randomise(DiT(tiny_cfg(), NUM_TOKENS, causal=causal)).eval()
+    x_t, t = inputs(batch=1, length=6)
+    changed = x_t.clone()
+    changed[0, -1] = (changed[0, -1] + 1) % NUM_TOKENS
+    first, second = model(x_t, t), model(changed, t)
+    moved = not torch.allclose(first[:, 0], second[:, 0])
+    assert moved == (not causal)
+    assert not torch.allclose(first[:, -1], second[:, -1])
+
+
+@pytest.mark.parametrize("time_conditioning", [True, False])
+def test_noise_level_is_used_only_with_time_conditioning(time_conditioning):
+    torch.manual_seed(0)
+    model = randomise(DiT(tiny_cfg(time_conditioning=time_conditioning), NUM_TOKENS)).eval()
+    x_t, _ = inputs(batch=2)
+    low, high = model(x_t, torch.full((2,), 0.1)), model(x_t, torch.full((2,), 2.0))
+    assert torch.allclose(low, high) == (not time_conditioning)
+
+
+def test_runs_under_bf16_autocast():
+    torch.manual_seed(0)
+    model = randomise(DiT(tiny_cfg(), NUM_TOKENS)).eval()
+    x_t, t = inputs()
+    reference = model(x_t, t)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(x_t, t)
+    assert logits.dtype == torch.bfloat16  # the caller upcasts
+    assert torch.isfinite(logits.float()).all()
+    relative_error = (logits.float() - reference).norm() / reference.norm()
+    assert relative_error < 0.05
+
+
+def test_dropout_acts_only_in_training():
+    torch.manual_seed(0)
+    model = randomise(DiT(tiny_cfg(dropout=0.5), NUM_TOKENS))
+    x_t, t = inputs()
+    model.train()
+    assert not torch.allclose(model(x_t, t), model(x_t, t))
+    model.eval()
+    assert torch.equal(model(x_t, t), model(x_t, t))
+
+
+def test_compiles_without_graph_breaks():
+    torch._dynamo.reset()
+    model = randomise(DiT(tiny_cfg(), NUM_TOKENS)).eval()
+    explanation = torch._dynamo.explain(model)(*inputs())
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
