@@ -1,0 +1,168 @@
+"""`atat`: thin verbs over importable functions (STYLE principle 4): parse, build the config, call one function."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from mdlm_atat import __version__
+from mdlm_atat.config import ConfigError, apply_overrides, from_dict, load_config
+from mdlm_atat.data.sources import DataError
+from mdlm_atat.train.checkpoint import CheckpointError, RunDirError, checkpoint_dir, load_checkpoint
+
+# Errors a user can cause: one line naming the cause and the fix, no stack trace.
+USER_ERRORS = (ConfigError, DataError, CheckpointError, RunDirError)
+
+OVERRIDE_HELP = "config overrides, e.g. training.learning_rate=1e-4 model.size=tiny (section.key=value)"
+
+
+def _add_train(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train",
+        help="train a model (MDLM baseline or ATAT) from a YAML config",
+        description="Train from a YAML config plus key=value overrides, or continue a run with --resume.",
+    )
+    p.add_argument("--config", type=Path, help="YAML run config, e.g. configs/atat/quickstart.yaml")
+    p.add_argument(
+        "--log-dir",
+        type=Path,
+        help="the run folder (config, metrics.jsonl, checkpoints/); default: logging.save_logs_dir/<config>-<time>",
+    )
+    p.add_argument(
+        "--max-steps",
+        type=int,
+        help="stop this invocation at this global step (the LR schedule still follows training.total_steps)",
+    )
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="",
+        metavar="RUN_DIR",
+        help="continue a run exactly from its checkpoints/last.pt: RUN_DIR, or the --log-dir folder when omitted",
+    )
+    p.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDE_HELP)
+
+
+def _add_eval(subparsers) -> None:
+    p = subparsers.add_parser(
+        "eval",
+        help="the NELBO perplexity bound of a checkpoint on a dataset (JSON)",
+        description=(
+            "Score a checkpoint with MDLM's uniform-masking NELBO (an upper bound on the NLL), several stratified "
+            "t per sequence, a fixed seed, EMA weights. Prints JSON; never writes into the run's checkpoints."
+        ),
+    )
+    p.add_argument("--checkpoint", type=Path, required=True, help="a .pt checkpoint or a run folder (its last.pt)")
+    p.add_argument(
+        "--dataset",
+        help="dataset to score: stdlib-docs, a local .jsonl/.txt file or folder, or a HF name "
+        "(default: the checkpoint's training dataset)",
+    )
+    p.add_argument("--split", help="split to score (default: the config's data.val_split)")
+    p.add_argument("--output", type=Path, help="also write the JSON to this file")
+    p.add_argument("--num-t", type=int, help="stratified times t per sequence (default: diffusion.eval_num_t)")
+    p.add_argument("--batch-size", type=int, help="sequences per batch (default: data.batch_size)")
+    p.add_argument("--max-batches", type=int, default=0, help="score at most this many batches (0 = all)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the masks and times (default 0)")
+    p.add_argument("--no-ema", action="store_true", help="score the raw weights instead of the EMA")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="atat",
+        description="Train, evaluate and sample masked diffusion language models (MDLM) with adaptive "
+        "time-aware token masking (ATAT).",
+    )
+    parser.add_argument("--version", action="version", version=f"mdlm-atat {__version__}")
+    subparsers = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+    _add_train(subparsers)
+    _add_eval(subparsers)
+    return parser
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from mdlm_atat.train.trainer import train
+
+    if args.resume is not None:
+        run_dir = Path(args.resume) if args.resume else args.log_dir
+        if run_dir is None:
+            raise ConfigError("--resume: name the run folder (--resume RUN_DIR, or --log-dir RUN_DIR --resume)")
+        if run_dir.suffix == ".pt":  # RUN_DIR/checkpoints/last.pt
+            run_dir = run_dir.parent.parent
+        payload = load_checkpoint(checkpoint_dir(run_dir) / "last.pt")
+        if args.config is not None:
+            print(f"note: continuing {run_dir} with its saved config; --config {args.config} is not read", file=sys.stderr)
+        cfg = from_dict(apply_overrides(payload["config"], args.overrides))
+        del payload
+        summary = train(cfg, run_dir, resume=True, max_steps=args.max_steps)
+    else:
+        if args.config is None:
+            raise ConfigError("--config: required to start a run, e.g. atat train --config configs/atat/quickstart.yaml")
+        cfg = load_config(args.config, args.overrides)
+        run_dir = args.log_dir or Path(cfg.logging.save_logs_dir) / f"{args.config.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+        summary = train(cfg, run_dir, resume=False, max_steps=args.max_steps)
+    val = summary["val"]
+    lines = [f"done: step {summary['step']}, run folder {summary['run_dir']}"]
+    if summary["first_loss"] is not None:
+        lines.append(f"train loss {summary['first_loss']:.4f} (first log) -> {summary['last_loss']:.4f} (last log)")
+    if val is not None:
+        lines.append(
+            f"validation NELBO {val['nelbo']:.4f} +- {val['stderr']:.4f} nats/token, PPL <= {val['ppl']:.2f} "
+            f"({val['num_tokens']} tokens, EMA weights)"
+        )
+    print("\n".join(lines))
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from mdlm_atat.eval.run import evaluate_checkpoint
+
+    result = evaluate_checkpoint(
+        args.checkpoint,
+        dataset=args.dataset,
+        split=args.split,
+        num_t=args.num_t,
+        batch_size=args.batch_size,
+        max_batches=args.max_batches,
+        seed=args.seed,
+        use_ema=not args.no_ema,
+        device=args.device,
+    )
+    text = json.dumps(result, indent=2)
+    if args.output is not None:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(text + "\n")
+    print(text)
+    return 0
+
+
+VERBS = {"train": run_train, "eval": run_eval}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    # key=value overrides may come before or after the flags.
+    stray = [item for item in unknown if "=" not in item or item.startswith("-")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if unknown:
+        if args.verb != "train":
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        args.overrides = list(args.overrides) + unknown
+    try:
+        return VERBS[args.verb](args)
+    except USER_ERRORS as err:
+        print(f"atat {args.verb}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"atat {args.verb}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

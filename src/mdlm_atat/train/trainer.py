@@ -1,0 +1,234 @@
+"""The training loop: one loop for every variant (STYLE principle 2), readable in one sitting.
+
+A step: `gradient_accumulation_steps` micro-batches whose times t are stratified over the whole accumulated
+batch, backward on each, clip, AdamW, LR schedule, EMA. Every `log_every_n_steps` a metrics line; every
+`eval_every_n_steps` the validation bound with the EMA weights (best.pt when it improves); every
+`save_every_n_steps` checkpoints/last.pt, which holds everything needed to continue exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from mdlm_atat.config import Config, ConfigError
+from mdlm_atat.data.loader import eval_batches, train_batches
+from mdlm_atat.data.tokenizers import Tokenizer
+from mdlm_atat.diffusion.objective import MaskedDiffusionObjective
+from mdlm_atat.diffusion.schedule import LogLinearSchedule
+from mdlm_atat.eval.likelihood import BoundResult, evaluate_bound
+from mdlm_atat.models import build_model, count_parameters
+from mdlm_atat.pipeline import build_run_data
+from mdlm_atat.runtime import autocast_for, precision_name, resolve_device
+from mdlm_atat.train.checkpoint import RunDirError, checkpoint_dir, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from mdlm_atat.train.metrics import MetricsLog
+from mdlm_atat.train.optim import build_ema, build_optimizer, build_scheduler
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimiser steps taken
+    samples_seen: int = 0  # training sequences consumed: the data position
+    best_val_nelbo: float = math.inf
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def make_objective(cfg: Config, tokenizer: Tokenizer) -> MaskedDiffusionObjective:
+    return MaskedDiffusionObjective(LogLinearSchedule(cfg.diffusion.eps), tokenizer.mask_id, cfg.diffusion.antithetic)
+
+
+def train(cfg: Config, run_dir: Path, resume: bool = False, max_steps: int | None = None) -> dict[str, Any]:
+    """Train from scratch into `run_dir`, or continue the run saved there. Returns a summary of the run.
+
+    `max_steps` stops this invocation at that global step without changing the LR schedule or the curriculum,
+    which follow `training.total_steps`.
+    """
+    run_dir = Path(run_dir)
+    last_path = checkpoint_dir(run_dir) / "last.pt"
+    payload = None
+    if resume:
+        payload = load_checkpoint(last_path)
+    elif last_path.exists():
+        raise RunDirError(
+            f"{run_dir}: this run folder already holds checkpoints; add --resume to continue it, "
+            "or choose another --log-dir"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tc = cfg.training
+    seed_everything(tc.seed)
+    device = resolve_device(tc.device)
+    autocast = autocast_for(device, tc.mixed_precision)
+
+    data = build_run_data(cfg.data, tokenizer=Tokenizer.from_json(payload["tokenizer"]) if payload else None)
+    _check_vocab(cfg, data.tokenizer)
+    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+
+    model = build_model(cfg.model, data.tokenizer.num_tokens).to(device)
+    objective = make_objective(cfg, data.tokenizer)
+    optimizer = build_optimizer(model, tc, device)
+    scheduler = build_scheduler(optimizer, tc)
+    ema = build_ema(model, tc.ema_decay)
+    state = TrainState()
+    if payload is not None:
+        model.load_state_dict(payload["model"])
+        if ema is not None:
+            ema.module.load_state_dict(payload["ema"])
+            ema.n_averaged.fill_(payload["ema_num_updates"])
+        optimizer.load_state_dict(payload["optimizer"])
+        scheduler.load_state_dict(payload["scheduler"])
+        state = TrainState(**payload["state"])
+        set_rng_state(payload["rng"])
+
+    end_step = tc.total_steps if max_steps is None else min(max_steps, tc.total_steps)
+    batch_size, accum = cfg.data.batch_size, tc.gradient_accumulation_steps
+    tokens_per_step = batch_size * accum * cfg.data.max_length
+    batches = train_batches(
+        data.train_blocks, batch_size, seed=tc.seed, start_sample=state.samples_seen, num_workers=cfg.data.num_workers
+    )
+    metrics = MetricsLog(run_dir / "metrics.jsonl")
+    metrics.write(
+        {
+            "event": "start" if payload is None else "resume",
+            "step": state.step,
+            "device": str(device),
+            "precision": precision_name(device, tc.mixed_precision),
+            "parameters": count_parameters(model),
+            "vocab_size": data.tokenizer.vocab_size,
+            "train_blocks": len(data.train_blocks),
+            "val_blocks": len(data.val_blocks),
+            "tokens_per_step": tokens_per_step,
+            "run_dir": str(run_dir),
+        }
+    )
+
+    def checkpoint_payload() -> dict[str, Any]:
+        return {
+            "format_version": 1,
+            "config": cfg.to_dict(),
+            "config_hash": cfg.hash(),
+            "state": asdict(state),
+            "model": model.state_dict(),
+            "ema": ema.module.state_dict() if ema is not None else None,
+            "ema_num_updates": int(ema.n_averaged) if ema is not None else 0,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": rng_state(),
+            "tokenizer": data.tokenizer.to_json(),
+        }
+
+    def validate() -> BoundResult:
+        result = evaluate_bound(
+            ema.module if ema is not None else model,
+            objective,
+            eval_batches(data.val_blocks, batch_size, max_batches=tc.eval_batches),
+            num_t=cfg.diffusion.eval_num_t,
+            seed=tc.seed,
+            device=device,
+            autocast=autocast,
+        )
+        improved = result.nelbo < state.best_val_nelbo
+        if improved:
+            state.best_val_nelbo = result.nelbo
+        metrics.write(
+            {
+                "event": "val",
+                "step": state.step,
+                "val_nelbo": result.nelbo,
+                "val_stderr": result.stderr,
+                "val_ppl": result.ppl,
+                "val_tokens": result.num_tokens,
+                "best": improved,
+            }
+        )
+        if improved:
+            save_checkpoint(checkpoint_dir(run_dir) / "best.pt", checkpoint_payload())
+        return result
+
+    first_loss = last_loss = None
+    val_result = None
+    loss_sum = torch.zeros((), device=device)  # summed on device: no host sync inside the step
+    steps_since_log = 0
+    log_clock = time.perf_counter()
+    progress = tqdm(total=end_step, initial=state.step, desc="train", unit="step", dynamic_ncols=True, mininterval=1.0)
+    model.train()
+    try:
+        while state.step < end_step:
+            t_all = objective.sample_t(batch_size * accum, device)  # stratified over the accumulated batch
+            for micro in range(accum):
+                x0 = next(batches).to(device, non_blocking=True)  # (B, L)
+                with autocast:
+                    terms = objective(model, x0, t=t_all[micro * batch_size : (micro + 1) * batch_size])
+                (terms.loss / accum).backward()
+                loss_sum += terms.loss.detach() / accum
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else math.inf)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update_parameters(model)
+            state.step += 1
+            state.samples_seen += batch_size * accum
+            steps_since_log += 1
+            progress.update(1)
+
+            if state.step % tc.log_every_n_steps == 0 or state.step == 1 or state.step == end_step:
+                loss = loss_sum.item() / steps_since_log
+                elapsed = time.perf_counter() - log_clock
+                first_loss = loss if first_loss is None else first_loss
+                last_loss = loss
+                metrics.write(
+                    {
+                        "event": "train",
+                        "step": state.step,
+                        "loss": loss,
+                        "lr": scheduler.get_last_lr()[0],
+                        "grad_norm": float(grad_norm),
+                        "tokens_seen": state.samples_seen * cfg.data.max_length,
+                        "tokens_per_s": steps_since_log * tokens_per_step / elapsed,
+                    }
+                )
+                progress.set_postfix(loss=f"{loss:.3f}")
+                loss_sum.zero_()
+                steps_since_log = 0
+                log_clock = time.perf_counter()
+            if state.step % tc.eval_every_n_steps == 0 or state.step == end_step:
+                val_result = validate()
+                log_clock = time.perf_counter()  # evaluation time is not training throughput
+            if state.step % tc.save_every_n_steps == 0 or state.step == end_step:
+                save_checkpoint(last_path, checkpoint_payload())
+    finally:
+        progress.close()
+        metrics.close()
+    return {
+        "run_dir": str(run_dir),
+        "step": state.step,
+        "first_loss": first_loss,
+        "last_loss": last_loss,
+        "val": val_result.to_dict() if val_result is not None else None,
+        "best_val_nelbo": state.best_val_nelbo,
+    }
+
+
+def _check_vocab(cfg: Config, tokenizer: Tokenizer) -> None:
+    """model.vocab_size: null takes the tokenizer's; a stated size must match it (the saved config records it)."""
+    if cfg.model.vocab_size is None:
+        cfg.model.vocab_size = tokenizer.vocab_size
+    elif cfg.model.vocab_size != tokenizer.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size: {cfg.model.vocab_size} does not match the tokenizer {tokenizer.name!r} "
+            f"({tokenizer.vocab_size} tokens); set it to {tokenizer.vocab_size} or null"
+        )
+
