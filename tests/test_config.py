@@ -1,0 +1,96 @@
+import pytest
+import yaml
+
+from mdlm_atat.config import MODEL_SIZES, ConfigError, Config, from_dict, load_config
+
+from conftest import CONFIG_DIR
+
+SHIPPED = sorted(CONFIG_DIR.glob("*.yaml"))
+
+
+def test_configs_are_shipped():
+    names = {p.name for p in SHIPPED}
+    assert {"base_config.yaml", "quickstart.yaml", "wikitext103.yaml", "openwebtext.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_every_shipped_yaml_loads(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+    # The resolved config round-trips through YAML to the same config.
+    assert from_dict(yaml.safe_load(cfg.to_yaml())) == cfg
+
+
+def test_base_config_lists_every_key_with_its_default():
+    raw = yaml.safe_load((CONFIG_DIR / "base_config.yaml").read_text())
+    assert from_dict(raw) == Config()
+    defaults = Config().to_dict()
+    assert {s: set(v) for s, v in raw.items()} == {s: set(v) for s, v in defaults.items()}
+
+
+def test_openwebtext_is_the_production_recipe():
+    cfg = load_config(CONFIG_DIR / "openwebtext.yaml")
+    assert (cfg.model.hidden_dim, cfg.model.num_layers, cfg.model.num_heads) == (768, 12, 12)
+    assert cfg.model.vocab_size == 50257 and cfg.data.tokenizer == "gpt2" and cfg.data.max_length == 1024
+    assert cfg.data.batch_size == 32
+    t = cfg.training
+    assert (t.total_steps, t.warmup_steps, t.learning_rate, t.weight_decay) == (500_000, 10_000, 1e-4, 0.01)
+    assert t.mixed_precision == "bf16"
+    assert (t.log_every_n_steps, t.eval_every_n_steps, t.save_every_n_steps) == (100, 5000, 10_000)
+    assert (cfg.curriculum.stage_1_end, cfg.curriculum.stage_2_end) == (0.33, 0.66)
+
+
+def test_overrides_are_typed_yaml_scalars():
+    cfg = load_config(None, ["training.learning_rate=1e-4", "model.time_conditioning=true", "model.vocab_size=null"])
+    assert cfg.training.learning_rate == 1e-4
+    assert cfg.model.time_conditioning is True
+    assert cfg.model.vocab_size is None
+
+
+def test_size_presets_fill_the_shape():
+    for size, (width, depth, heads) in MODEL_SIZES.items():
+        m = load_config(None, [f"model.size={size}"]).model
+        assert (m.hidden_dim, m.num_layers, m.num_heads) == (width, depth, heads)
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["model.hidden_dm=256"], "model.hidden_dm"),
+        (["trainin.total_steps=5"], "trainin"),
+        (["training.total_steps=-1"], "training.total_steps"),
+        (["training.learning_rate=fast"], "training.learning_rate"),
+        (["training.total_steps=1.5"], "training.total_steps"),
+        (["model.dropout=true"], "model.dropout"),
+        (["model.num_heads=5"], "model.num_heads"),
+        (["model.size=huge"], "model.size"),
+        (["model.size=small", "model.hidden_dim=512"], "model.hidden_dim"),
+        (["curriculum.stage_1_end=0.8", "curriculum.stage_2_end=0.5"], "curriculum.stage_1_end"),
+        (["training.mixed_precision=fp8"], "training.mixed_precision"),
+        (["data.batch_size=0"], "data.batch_size"),
+        (["no_equals_sign"], "no_equals_sign"),
+    ],
+)
+def test_bad_config_fails_naming_the_key(overrides, key):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert str(err.value).startswith(key)
+
+
+def test_missing_or_invalid_yaml_file(tmp_path):
+    with pytest.raises(ConfigError, match="file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("training: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    section = tmp_path / "section.yaml"
+    section.write_text("training: 5\n")
+    with pytest.raises(ConfigError, match="^training: expected a mapping"):
+        load_config(section)
+
+
+def test_hash_is_stable_and_sensitive():
+    a, b = load_config(None), load_config(None)
+    assert a.hash() == b.hash()
+    assert a.hash() != load_config(None, ["training.seed=1"]).hash()
