@@ -28,7 +28,7 @@ from mdlm_atat.eval.likelihood import BoundResult, evaluate_bound
 from mdlm_atat.models import build_model, count_parameters
 from mdlm_atat.pipeline import build_run_data
 from mdlm_atat.runtime import autocast_for, precision_name, resolve_device
-from mdlm_atat.train.checkpoint import RunDirError, checkpoint_dir, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from mdlm_atat.train.checkpoint import CheckpointError, RunDirError, checkpoint_dir, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from mdlm_atat.train.metrics import MetricsLog
 from mdlm_atat.train.optim import build_ema, build_optimizer, build_scheduler
 
@@ -60,6 +60,8 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, max_steps: int | Non
     last_path = checkpoint_dir(run_dir) / "last.pt"
     payload = None
     if resume:
+        if not last_path.is_file():
+            raise CheckpointError(f"{run_dir}: no checkpoints/last.pt to resume from; start the run without --resume")
         payload = load_checkpoint(last_path)
     elif last_path.exists():
         raise RunDirError(

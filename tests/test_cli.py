@@ -1,0 +1,70 @@
+"""The `atat` command: help, train, eval, and one-line errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from mdlm_atat.cli import main
+
+from conftest import TINY_OVERRIDES
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["eval", "--help"]])
+def test_help_describes_every_flag(argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    flags = {"--help": ["train", "eval"], "train": ["--config", "--log-dir", "--max-steps", "--resume", "key=value"],
+             "eval": ["--checkpoint", "--dataset", "--split", "--output", "--num-t", "--seed", "--no-ema"]}
+    for flag in flags[argv[0]]:
+        assert flag in out
+
+
+def test_console_entry_point_runs():
+    out = subprocess.run([sys.executable, "-m", "mdlm_atat", "--help"], capture_output=True, text=True, check=True)
+    assert "train" in out.stdout and "eval" in out.stdout
+
+
+def test_train_then_eval_writes_json(tmp_path, data_cache, capsys):
+    run = tmp_path / "run"
+    overrides = TINY_OVERRIDES + [f"data.cache_dir={data_cache}"]
+    assert main(["train", "--log-dir", str(run), "--max-steps", "3", *overrides]) == 2  # no --config
+    assert "--config: required" in capsys.readouterr().err
+    config = tmp_path / "tiny.yaml"
+    config.write_text("training:\n  total_steps: 6\n")
+    assert main(["train", "--config", str(config), "--log-dir", str(run), "--max-steps", "3", *overrides]) == 0
+    assert "done: step 3" in capsys.readouterr().out
+    assert main(["train", "--resume", str(run)]) == 0  # continues to total_steps with the saved config
+    assert "done: step 6" in capsys.readouterr().out
+    output = tmp_path / "eval.json"
+    code = main(["eval", "--checkpoint", str(run / "checkpoints" / "best.pt"), "--output", str(output),
+                 "--max-batches", "2", "--device", "cpu"])
+    assert code == 0
+    result = json.loads(output.read_text())
+    for key in ("nelbo", "ppl", "bits_per_token", "num_tokens", "step", "stderr", "config_hash", "framing"):
+        assert key in result
+    assert result["step"] == 6 and result["num_tokens"] == 2 * 8 * 32
+
+
+def test_bad_key_is_one_clear_line(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text("training:\n  learning_rat: 1e-3\n")
+    assert main(["train", "--config", str(config), "--log-dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("atat train: error: training.learning_rat: unknown key") and "\n" not in err
+    assert not (tmp_path / "r").exists()  # nothing is created for a run that cannot start
+
+
+def test_missing_checkpoint_is_one_clear_line(tmp_path, capsys):
+    assert main(["eval", "--checkpoint", str(tmp_path / "none.pt")]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
+
+
+def test_stray_argument_is_rejected(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--config", "x.yaml", "--bogus"])
+    assert exit_.value.code == 2
+    assert "--bogus" in capsys.readouterr().err

@@ -1,0 +1,98 @@
+"""The training loop: exact resume, learning, checkpoints, run-folder safety."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from mdlm_atat.config import ConfigError
+from mdlm_atat.eval.run import evaluate_checkpoint, load_for_inference
+from mdlm_atat.train.checkpoint import CheckpointError, RunDirError, load_checkpoint
+from mdlm_atat.train.trainer import train
+
+
+def records(run_dir, event):
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["event"] == event]
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_train_2n_equals_train_n_then_resume_n(tiny_config, tmp_path, accum):
+    cfg = tiny_config(f"training.gradient_accumulation_steps={accum}")
+    whole = train(cfg, tmp_path / "whole")
+    train(tiny_config(f"training.gradient_accumulation_steps={accum}"), tmp_path / "split", max_steps=3)
+    resumed = train(tiny_config(f"training.gradient_accumulation_steps={accum}"), tmp_path / "split", resume=True)
+    assert whole["step"] == resumed["step"] == 6
+
+    def losses(run):
+        return {r["step"]: r["loss"] for r in records(tmp_path / run, "train")}
+
+    assert losses("whole") == losses("split")  # identical, not merely close, on CPU
+    assert whole["val"] == resumed["val"]
+    a = load_checkpoint(tmp_path / "whole" / "checkpoints" / "last.pt")
+    b = load_checkpoint(tmp_path / "split" / "checkpoints" / "last.pt")
+    assert a["state"]["samples_seen"] == b["state"]["samples_seen"] == 6 * 8 * accum
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+        assert torch.equal(a["ema"][key], b["ema"][key]), key
+
+
+def test_short_training_lowers_the_validation_bound(tiny_config, tmp_path):
+    cfg = tiny_config(
+        "training.total_steps=60", "training.eval_every_n_steps=1000", "training.save_every_n_steps=1000",
+        "training.log_every_n_steps=20", "training.eval_batches=4", "model.dropout=0.0",
+    )
+    summary = train(cfg, tmp_path / "run")
+    initial = (1 - cfg.diffusion.eps) * math.log(cfg.model.vocab_size)  # the untrained model's bound
+    assert summary["val"]["nelbo"] < initial - 0.5
+    assert summary["last_loss"] < summary["first_loss"] - 0.5
+
+
+def test_checkpoint_holds_everything_to_resume(tiny_config, tmp_path):
+    train(tiny_config(), tmp_path / "run")
+    payload = load_checkpoint(tmp_path / "run")  # a run folder resolves to its last.pt
+    for key in ("model", "ema", "optimizer", "scheduler", "rng", "state", "config", "config_hash", "tokenizer"):
+        assert payload[key] is not None, key
+    assert not any(k.startswith("_orig_mod.") for k in payload["model"])
+    assert payload["state"]["step"] == 6
+    assert (tmp_path / "run" / "checkpoints" / "best.pt").is_file()
+    assert (tmp_path / "run" / "config.yaml").is_file()
+    # The saved config records the tokenizer's vocabulary, resolved from model.vocab_size: null.
+    assert payload["config"]["model"]["vocab_size"] == 512
+
+
+def test_existing_run_folder_needs_resume(tiny_config, tmp_path):
+    train(tiny_config("training.total_steps=3"), tmp_path / "run")
+    with pytest.raises(RunDirError, match="--resume"):
+        train(tiny_config(), tmp_path / "run")
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tiny_config, tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoints/last.pt"):
+        train(tiny_config(), tmp_path / "empty", resume=True)
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    bad = tmp_path / "last.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        load_checkpoint(bad)
+
+
+def test_vocab_size_must_match_the_tokenizer(tiny_config, tmp_path):
+    with pytest.raises(ConfigError, match="^model.vocab_size"):
+        train(tiny_config("model.vocab_size=50257"), tmp_path / "run")
+
+
+def test_evaluate_checkpoint_uses_ema_and_reports_provenance(tiny_config, tmp_path):
+    train(tiny_config(), tmp_path / "run")
+    ckpt = tmp_path / "run" / "checkpoints" / "last.pt"
+    result = evaluate_checkpoint(ckpt, max_batches=2, device="cpu")
+    assert result["weights"] == "ema" and result["step"] == 6
+    assert result["num_tokens"] == 2 * 8 * 32
+    assert result == evaluate_checkpoint(ckpt, max_batches=2, device="cpu")  # deterministic
+    raw = evaluate_checkpoint(ckpt, max_batches=2, device="cpu", use_ema=False)
+    assert raw["weights"] == "raw" and raw["nelbo"] != result["nelbo"]
+    model, cfg, tokenizer, meta = load_for_inference(ckpt)
+    assert not model.training and meta["config_hash"] == cfg.hash()
