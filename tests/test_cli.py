@@ -37,7 +37,7 @@ def test_train_then_eval_writes_json(tmp_path, data_cache, capsys):
     config.write_text("training:\n  total_steps: 6\n")
     assert main(["train", "--config", str(config), "--log-dir", str(run), "--max-steps", "3", *overrides]) == 0
     assert "done: step 3" in capsys.readouterr().out
-    assert main(["train", "--resume", str(run)]) == 0  # continues to total_steps with the saved config
+    assert main(["train", "--log-dir", str(run), "--resume"]) == 0  # continues to total_steps with the saved config
     assert "done: step 6" in capsys.readouterr().out
     output = tmp_path / "eval.json"
     code = main(["eval", "--checkpoint", str(run / "checkpoints" / "best.pt"), "--output", str(output),
@@ -68,3 +68,18 @@ def test_stray_argument_is_rejected(capsys):
         main(["train", "--config", "x.yaml", "--bogus"])
     assert exit_.value.code == 2
     assert "--bogus" in capsys.readouterr().err
+
+
+def test_resume_flag_starts_or_continues(tmp_path, data_cache, capsys):
+    """The same command, relaunched, continues the run: --resume with --config starts a run if none exists."""
+    run = tmp_path / "run"
+    config = tmp_path / "tiny.yaml"
+    config.write_text("model:\n  dropout: 0.0\n")
+    argv = ["train", "--config", str(config), "--log-dir", str(run), "--resume",
+            *TINY_OVERRIDES, f"data.cache_dir={data_cache}", "training.total_steps=4"]
+    assert main(argv + ["--max-steps", "2"]) == 0
+    assert "done: step 2" in capsys.readouterr().out
+    assert main(argv) == 0
+    assert "done: step 4" in capsys.readouterr().out
+    assert main(["train", "--log-dir", str(tmp_path / "nothing"), "--resume"]) == 2
+    assert "no checkpoints/last.pt" in capsys.readouterr().err

@@ -38,10 +38,9 @@ def _add_train(subparsers) -> None:
     )
     p.add_argument(
         "--resume",
-        nargs="?",
-        const="",
-        metavar="RUN_DIR",
-        help="continue a run exactly from its checkpoints/last.pt: RUN_DIR, or the --log-dir folder when omitted",
+        action="store_true",
+        help="continue the run in --log-dir exactly from its checkpoints/last.pt, with its saved config; with "
+        "--config, a folder without a checkpoint starts a new run there (so one command can be relaunched)",
     )
     p.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDE_HELP)
 
@@ -87,13 +86,16 @@ def build_parser() -> argparse.ArgumentParser:
 def run_train(args: argparse.Namespace) -> int:
     from mdlm_atat.train.trainer import train
 
-    if args.resume is not None:
-        run_dir = Path(args.resume) if args.resume else args.log_dir
-        if run_dir is None:
-            raise ConfigError("--resume: name the run folder (--resume RUN_DIR, or --log-dir RUN_DIR --resume)")
-        if run_dir.suffix == ".pt":  # RUN_DIR/checkpoints/last.pt
-            run_dir = run_dir.parent.parent
-        payload = load_checkpoint(checkpoint_dir(run_dir) / "last.pt")
+    run_dir = args.log_dir
+    if args.resume and run_dir is None:
+        raise ConfigError("--resume: name the run folder with --log-dir RUN_DIR")
+    last = checkpoint_dir(run_dir) / "last.pt" if run_dir is not None else None
+    if args.resume and (last.is_file() or args.config is None):
+        # Continue with the run's saved config (plus any overrides): the same command relaunched after a
+        # pre-emption picks up where the run stopped.
+        payload = load_checkpoint(last) if last.is_file() else None
+        if payload is None:
+            raise CheckpointError(f"{run_dir}: no checkpoints/last.pt to resume from; pass --config to start it")
         if args.config is not None:
             print(f"note: continuing {run_dir} with its saved config; --config {args.config} is not read", file=sys.stderr)
         cfg = from_dict(apply_overrides(payload["config"], args.overrides))
@@ -103,7 +105,7 @@ def run_train(args: argparse.Namespace) -> int:
         if args.config is None:
             raise ConfigError("--config: required to start a run, e.g. atat train --config configs/atat/quickstart.yaml")
         cfg = load_config(args.config, args.overrides)
-        run_dir = args.log_dir or Path(cfg.logging.save_logs_dir) / f"{args.config.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+        run_dir = run_dir or Path(cfg.logging.save_logs_dir) / f"{args.config.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
         summary = train(cfg, run_dir, resume=False, max_steps=args.max_steps)
     val = summary["val"]
     lines = [f"done: step {summary['step']}, run folder {summary['run_dir']}"]
