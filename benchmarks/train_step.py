@@ -1,0 +1,407 @@
+"""Time the full MDLM training step of a DiT, eager and `torch.compile`d, in one process.
+
+One step is what `mdlm_atat.train.trainer.train` does per optimiser step with no gradient accumulation: the
+objective's forward (uniform masking, DiT, SUBS loss) under bf16 autocast on CUDA (fp32 on CPU), backward,
+`clip_grad_norm_(1.0)`, AdamW from `build_optimizer`, `zero_grad(set_to_none=True)`. The EMA update and the
+data loader are left out. In the `compiled` variant only the DiT is compiled, as training would compile it; the
+loss (boolean indexing over the masked rows) stays eager.
+
+Reported per variant: median step time, tokens/s = batch * seq_len / median step time, peak GPU memory, the
+parameter count, and MFU = achieved FLOP/s / --peak-flops, with
+
+    FLOP per token per training step = 6 * N_matmul + 12 * num_layers * seq_len * hidden_dim
+
+N_matmul counts the weights every token is multiplied by: per block attn_qkv (3 D^2), attn_out (D^2) and the two
+MLP weights (2 * mlp_ratio * D^2), plus the output layer (D * num_tokens). 6 = 2 FLOP per multiply-add times 3
+(the forward matmul and the two of its backward). The second term is the attention scores Q K^T and their product
+with V: 4 * L * D FLOP per token per layer forward, times 3 for the backward (PaLM, Chowdhery et al. 2022,
+appendix B); the attention is bidirectional, so the whole L x L is real work. The embedding lookup, adaLN (once
+per sequence), norms, rotary and the loss's log-sum-exp are left out, so MFU is slightly understated.
+
+Numerics check: before timing, each variant computes the loss of the first (seeded, identical) batch from the
+same initial weights in eval mode (dropout off: eager and compiled draw dropout masks differently); compiled must
+match eager within a relative 2e-2 (bf16). MDLM's output layer and adaLN start at zero, which makes that loss
+(1 - eps) ln V whatever the blocks compute, so the benchmark first moves them off zero (N(0, 0.02)); that changes
+no timing.
+
+CPU smoke test (seconds):
+    python benchmarks/train_step.py --device cpu --hidden-dim 64 --num-layers 2 --num-heads 2 \
+        --seq-len 64 --batch-size 4 --vocab-size 1000 --steps 3 --warmup 1 --variants eager
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import gc
+import json
+import platform
+import shlex
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mdlm_atat.config import MODEL_SIZES, ModelConfig, TrainingConfig
+from mdlm_atat.diffusion.objective import MaskedDiffusionObjective
+from mdlm_atat.diffusion.schedule import LogLinearSchedule
+from mdlm_atat.models.dit import DiT, DiTBlock, FinalLayer, count_parameters
+from mdlm_atat.runtime import autocast_for, precision_name, resolve_device
+from mdlm_atat.train.optim import build_optimizer
+
+VARIANTS = ("eager", "compiled")
+H100_BF16_DENSE_FLOPS = 989e12  # H100 SXM datasheet, bf16 tensor cores without sparsity (the H200's is the same)
+LOSS_RTOL = 2e-2  # bf16 keeps 8 mantissa bits: ~4e-3 per rounding
+NUM_DISTINCT_BATCHES = 4  # cycled, so that no step reuses the previous step's masks
+FLOPS_FORMULA = (
+    "6 * N_matmul + 12 * num_layers * seq_len * hidden_dim per token per training step; "
+    "N_matmul = blocks' attn_qkv + attn_out + mlp weights + output layer weight"
+)
+
+
+@dataclass
+class Batch:
+    x0: torch.Tensor  # (B, L) clean tokens in [0, vocab_size)
+    t: torch.Tensor  # (B,) diffusion times, stratified as in training
+    uniform_noise: torch.Tensor  # (B, L) in [0, 1): which tokens get masked
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--size", choices=sorted(MODEL_SIZES), help="preset (hidden, layers, heads); default small")
+    p.add_argument("--hidden-dim", type=int, help="overrides the preset's")
+    p.add_argument("--num-layers", type=int, help="overrides the preset's")
+    p.add_argument("--num-heads", type=int, help="overrides the preset's")
+    p.add_argument("--cond-dim", type=int, default=128)
+    p.add_argument("--dropout", type=float, default=0.1, help="MDLM trains with 0.1")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--vocab-size", type=int, default=50257, help="real tokens; MASK is appended (GPT-2: 50257)")
+    p.add_argument("--steps", type=int, default=20, help="timed steps")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
+    p.add_argument("--variants", default="eager,compiled", help="comma-separated: eager, compiled")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument(
+        "--peak-flops",
+        type=float,
+        help=f"device peak FLOP/s for MFU; default {H100_BF16_DENSE_FLOPS:.0e} (H100 bf16) on CUDA, none on CPU",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", type=Path, help="write the results as JSON here")
+    args = p.parse_args(argv)
+    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    for v in args.variants:
+        if v not in VARIANTS:
+            p.error(f"--variants: unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
+    for name in ("batch_size", "seq_len", "steps"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')}: must be >= 1")
+    if args.warmup < 0:
+        p.error("--warmup: must be >= 0")
+    return args
+
+
+def model_config(args: argparse.Namespace) -> tuple[ModelConfig, str]:
+    """The preset (default small), with any explicit dimension taking precedence; returns (config, label)."""
+    preset = args.size or "small"
+    hidden, layers, heads = MODEL_SIZES[preset]
+    explicit = (args.hidden_dim, args.num_layers, args.num_heads)
+    resolved = tuple(e if e is not None else d for e, d in zip(explicit, (hidden, layers, heads)))
+    label = preset if resolved == (hidden, layers, heads) else "custom"
+    hidden, layers, heads = resolved
+    if hidden % heads or (hidden // heads) % 2:
+        raise SystemExit(f"--num-heads: hidden_dim {hidden} / num_heads {heads} must be an even integer (rotary)")
+    cfg = ModelConfig(
+        hidden_dim=hidden, num_layers=layers, num_heads=heads, cond_dim=args.cond_dim, dropout=args.dropout
+    )
+    return cfg, label
+
+
+def matmul_parameters(model: DiT) -> int:
+    """Weights each token is multiplied by: the blocks' qkv, attn_out and MLP weights, and the output layer's."""
+    total = model.output_layer.linear.weight.numel()
+    for block in model.blocks:
+        total += block.attn_qkv.weight.numel() + block.attn_out.weight.numel()
+        total += sum(m.weight.numel() for m in block.mlp if isinstance(m, torch.nn.Linear))
+    return total
+
+
+def flops_per_token(model: DiT, cfg: ModelConfig, seq_len: int) -> int:
+    return 6 * matmul_parameters(model) + 12 * cfg.num_layers * seq_len * cfg.hidden_dim
+
+
+@torch.no_grad()
+def move_zero_init_off_zero(model: DiT, generator: torch.Generator, std: float = 0.02) -> None:
+    """Give adaLN and the output layer small random weights, so the loss depends on every layer."""
+    for module in model.modules():
+        if isinstance(module, (DiTBlock, FinalLayer)):
+            layers = [module.adaLN_modulation] + ([module.linear] if isinstance(module, FinalLayer) else [])
+            for linear in layers:
+                for p in (linear.weight, linear.bias):
+                    p.copy_(torch.randn(p.shape, generator=generator) * std)
+
+
+def make_batches(
+    objective: MaskedDiffusionObjective, args: argparse.Namespace, device: torch.device
+) -> list[Batch]:
+    """Random tokens (not zeros: they could take faster paths) from a seeded CPU generator, same on any device."""
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    batches = []
+    for _ in range(NUM_DISTINCT_BATCHES):
+        x0 = torch.randint(0, args.vocab_size, (args.batch_size, args.seq_len), generator=gen)
+        t = objective.sample_t(args.batch_size, "cpu", gen)
+        noise = torch.rand(args.batch_size, args.seq_len, generator=gen)
+        batches.append(Batch(x0.to(device), t.to(device), noise.to(device)))
+    return batches
+
+
+def train_step(model, params, objective, optimizer, batch: Batch, autocast) -> torch.Tensor:
+    """One optimiser step as the trainer takes it; returns the detached loss (no host sync)."""
+    with autocast:
+        terms = objective(model, batch.x0, t=batch.t, uniform_noise=batch.uniform_noise)
+    terms.loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return terms.loss.detach()
+
+
+@torch.no_grad()
+def check_loss(model, objective, batch: Batch, autocast) -> float:
+    """The first batch's loss in eval mode (no dropout), for comparing variants."""
+    was_training = model.training
+    model.eval()
+    with autocast:
+        loss = objective(model, batch.x0, t=batch.t, uniform_noise=batch.uniform_noise).loss
+    model.train(was_training)
+    return loss.item()
+
+
+def peak_flops(args: argparse.Namespace, device: torch.device) -> float | None:
+    if args.peak_flops is not None:
+        return args.peak_flops
+    return H100_BF16_DENSE_FLOPS if device.type == "cuda" else None
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class StepTimer:
+    """Per-step wall time: CUDA events on the GPU (no sync inside the loop), perf_counter on the CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.device = device
+        self.marks: list[tuple[Any, Any]] = []
+
+    def start(self) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append((event, None))
+        else:
+            self.marks.append((time.perf_counter(), None))
+
+    def stop(self) -> None:
+        begin, _ = self.marks[-1]
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+        else:
+            end = time.perf_counter()
+        self.marks[-1] = (begin, end)
+
+    def seconds(self) -> list[float]:
+        if self.cuda:
+            synchronize(self.device)
+            return [begin.elapsed_time(end) / 1e3 for begin, end in self.marks]
+        return [end - begin for begin, end in self.marks]
+
+
+def run_variant(
+    variant: str,
+    reference: DiT,
+    cfg: ModelConfig,
+    objective: MaskedDiffusionObjective,
+    batches: list[Batch],
+    args: argparse.Namespace,
+    device: torch.device,
+) -> dict[str, Any]:
+    torch._dynamo.reset()  # drop an earlier variant's compiled graphs and what they hold on to
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    torch.manual_seed(args.seed)  # same dropout stream start for each variant
+    module = copy.deepcopy(reference).to(device)
+    model = torch.compile(module) if variant == "compiled" else module
+    params = list(module.parameters())
+    optimizer = build_optimizer(module, TrainingConfig(), device)  # AdamW, fused on CUDA, as in training
+    autocast = autocast_for(device, "bf16")
+
+    clock = time.perf_counter()
+    loss_first_batch = check_loss(model, objective, batches[0], autocast)
+    check_s = time.perf_counter() - clock  # includes compiling the eval graph
+
+    model.train()
+    losses = []
+
+    def step(i: int) -> None:
+        batch = batches[i % len(batches)]
+        losses.append(train_step(model, params, objective, optimizer, batch, autocast))
+
+    first_step_s = None
+    for i in range(args.warmup):
+        clock = time.perf_counter()
+        step(i)
+        if i == 0:
+            synchronize(device)
+            first_step_s = time.perf_counter() - clock  # includes compiling the training graphs
+    synchronize(device)
+
+    timer = StepTimer(device)
+    for i in range(args.warmup, args.warmup + args.steps):
+        timer.start()
+        step(i)
+        timer.stop()
+    step_s = timer.seconds()
+    losses_cpu = torch.stack(losses).float().cpu()
+
+    median_s = statistics.median(step_s)
+    tokens_per_step = args.batch_size * args.seq_len
+    tokens_per_s = tokens_per_step / median_s
+    flops = flops_per_token(module, cfg, args.seq_len)
+    peak = peak_flops(args, device)
+    result = {
+        "variant": variant,
+        "median_step_s": median_s,
+        "min_step_s": min(step_s),
+        "max_step_s": max(step_s),
+        "step_s": step_s,
+        "tokens_per_s": tokens_per_s,
+        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "num_parameters": count_parameters(module),
+        "num_matmul_parameters": matmul_parameters(module),
+        "achieved_flops_per_s": flops * tokens_per_s,
+        "mfu": flops * tokens_per_s / peak if peak else None,
+        "first_step_s": first_step_s,
+        "check_s": check_s,
+        "loss_first_batch": loss_first_batch,
+        "losses_finite": bool(torch.isfinite(losses_cpu).all()),
+        "last_loss": float(losses_cpu[-1]),
+    }
+    return result
+
+
+def fmt(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def print_table(results: list[dict[str, Any]]) -> None:
+    header = ("variant", "step ms", "tokens/s", "peak GiB", "params M", "MFU %", "1st step s", "loss[0]")
+    rows = [
+        (
+            r["variant"],
+            fmt(r["median_step_s"] * 1e3, ".2f"),
+            fmt(r["tokens_per_s"], ",.0f"),
+            fmt(r["peak_memory_gib"], ".2f"),
+            fmt(r["num_parameters"] / 1e6, ".2f"),
+            fmt(r["mfu"] * 100 if r["mfu"] is not None else None, ".1f"),
+            fmt(r["first_step_s"], ".2f"),
+            fmt(r["loss_first_batch"], ".5f"),
+        )
+        for r in results
+    ]
+    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
+    for row in (header, *rows):
+        print("  ".join(cell.rjust(w) for cell, w in zip(row, widths)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cfg, size_label = model_config(args)
+    device = resolve_device(args.device)
+    num_tokens = args.vocab_size + 1  # MASK is the last id
+    objective = MaskedDiffusionObjective(LogLinearSchedule(1e-3), mask_id=args.vocab_size)
+
+    torch.manual_seed(args.seed)
+    reference = DiT(cfg, num_tokens)  # built on CPU once, so every variant starts from the same weights
+    move_zero_init_off_zero(reference, torch.Generator().manual_seed(args.seed))
+    batches = make_batches(objective, args, device)
+    flops = flops_per_token(reference, cfg, args.seq_len)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
+    print(
+        f"DiT {size_label}: hidden {cfg.hidden_dim}, layers {cfg.num_layers}, heads {cfg.num_heads}, "
+        f"{count_parameters(reference) / 1e6:.2f}M parameters ({matmul_parameters(reference) / 1e6:.2f}M in matmuls), "
+        f"{num_tokens} tokens incl. MASK"
+    )
+    print(
+        f"batch {args.batch_size} x seq {args.seq_len}, {args.warmup} warm-up + {args.steps} timed steps, "
+        f"{precision_name(device, 'bf16')} on {device} ({device_name}), torch {torch.__version__}"
+    )
+    print(f"FLOP per token = {FLOPS_FORMULA} = {flops / 1e9:.3f} GFLOP")
+
+    results = []
+    for variant in args.variants:
+        print(f"[{variant}] running ...", flush=True)
+        results.append(run_variant(variant, reference, cfg, objective, batches, args, device))
+        r = results[-1]
+        print(f"[{variant}] loss on the first batch (eval mode): {r['loss_first_batch']:.6f}", flush=True)
+
+    ok = all(r["losses_finite"] for r in results)
+    numerics: dict[str, Any] = {"tolerance_rel": LOSS_RTOL}
+    by_name = {r["variant"]: r for r in results}
+    if "eager" in by_name and "compiled" in by_name:
+        eager, compiled = by_name["eager"]["loss_first_batch"], by_name["compiled"]["loss_first_batch"]
+        rel = abs(compiled - eager) / abs(eager)
+        numerics.update(eager_loss=eager, compiled_loss=compiled, rel_diff=rel, ok=rel <= LOSS_RTOL)
+        ok &= numerics["ok"]
+        verdict = "OK" if numerics["ok"] else "MISMATCH"
+        print(f"numerics: eager {eager:.6f}  compiled {compiled:.6f}  rel diff {rel:.2e} (tol {LOSS_RTOL}) {verdict}")
+    if not all(r["losses_finite"] for r in results):
+        print("non-finite training loss in: " + ", ".join(r["variant"] for r in results if not r["losses_finite"]))
+
+    peak = peak_flops(args, device)
+    if device.type == "cuda" and args.peak_flops is None and "H100" not in device_name and "H200" not in device_name:
+        print(f"note: MFU uses the H100's bf16 peak {H100_BF16_DENSE_FLOPS:.3e}; pass --peak-flops for {device_name}")
+    print()
+    print_table(results)
+
+    if args.output is not None:
+        report = {
+            "command": shlex.join([Path(sys.executable).name, *sys.argv]),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "torch_version": torch.__version__,
+            "cuda_version": torch.version.cuda,
+            "device": str(device),
+            "device_name": device_name,
+            "precision": precision_name(device, "bf16"),
+            "model": {**vars(cfg), "size": size_label, "num_tokens": num_tokens},
+            "batch_size": args.batch_size,
+            "seq_len": args.seq_len,
+            "tokens_per_step": args.batch_size * args.seq_len,
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "seed": args.seed,
+            "flops_formula": FLOPS_FORMULA,
+            "flops_per_token": flops,
+            "peak_flops": peak,
+            "numerics": numerics,
+            "ok": ok,
+            "results": results,
+        }
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"\nwrote {args.output}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
