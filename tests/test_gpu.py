@@ -145,7 +145,9 @@ def test_compiled_dit_matches_eager_forward_and_backward():
     assert rel_error(grads_c, grads_e) < BF16_RTOL
 
 
-def test_atat_train_end_to_end_on_cuda(tmp_path):
+@pytest.mark.parametrize("compile_model", [False, True])
+def test_atat_train_end_to_end_on_cuda(tmp_path, compile_model):
+    from mdlm_atat.train.checkpoint import load_checkpoint
     from mdlm_atat.train.trainer import train
 
     cfg = load_config(
@@ -159,6 +161,7 @@ def test_atat_train_end_to_end_on_cuda(tmp_path):
             "training.eval_every_n_steps=10",
             "training.save_every_n_steps=10",
             "training.eval_batches=2",
+            f"training.compile={str(compile_model).lower()}",
             f"data.cache_dir={tmp_path / 'cache'}",
         ],
     )
@@ -168,4 +171,5 @@ def test_atat_train_end_to_end_on_cuda(tmp_path):
     assert summary["step"] == 20
     assert math.isfinite(summary["last_loss"])
     assert summary["val"] is not None and math.isfinite(summary["val"]["nelbo"])
-    assert (run_dir / "checkpoints" / "last.pt").is_file()
+    payload = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert not any(key.startswith("_orig_mod.") for key in payload["model"])  # the unwrapped module is saved

@@ -79,6 +79,8 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, max_steps: int | Non
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
 
     model = build_model(cfg.model, data.tokenizer.num_tokens).to(device)
+    # Compiled for the training forward only; checkpoints and the EMA hold the plain module (no `_orig_mod.`).
+    forward_model = torch.compile(model) if tc.compile else model
     objective = make_objective(cfg, data.tokenizer)
     optimizer = build_optimizer(model, tc, device)
     scheduler = build_scheduler(optimizer, tc)
@@ -172,7 +174,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, max_steps: int | Non
             for micro in range(accum):
                 x0 = next(batches).to(device, non_blocking=True)  # (B, L)
                 with autocast:
-                    terms = objective(model, x0, t=t_all[micro * batch_size : (micro + 1) * batch_size])
+                    terms = objective(forward_model, x0, t=t_all[micro * batch_size : (micro + 1) * batch_size])
                 (terms.loss / accum).backward()
                 loss_sum += terms.loss.detach() / accum
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else math.inf)
