@@ -32,10 +32,11 @@ MODEL_SIZES: dict[str, tuple[int, int, int]] = {
 
 @dataclass
 class DataConfig:
-    # "stdlib-docs" (text shipped with CPython, offline), a local .jsonl/.txt file or folder, or a HF dataset name.
+    # "stdlib-docs" (text shipped with CPython, offline), a local .jsonl/.txt/.parquet file or folder (or the raw
+    # text8 file), or a HF dataset: openwebtext, wikitext103, wikitext2, lm1b, text8, ptb, lambada, any hub id.
     dataset_name: str = "stdlib-docs"
     dataset_config: str | None = None
-    streaming: bool = False
+    streaming: bool = False  # HF datasets: read from the hub as they are tokenized, without a local copy
     cache_dir: str = "~/.cache/mdlm_atat"
     train_split: str = "train"
     val_split: str = "validation"
@@ -43,10 +44,13 @@ class DataConfig:
     batch_size: int = 32  # sequences per device per micro-step
     max_length: int = 1024  # L: tokens per sequence, BOS and EOS included
     num_workers: int = 4
-    # "bpe" (byte-level BPE trained on the training split, cached), a local tokenizer folder, or a HF name.
+    # "bpe" (byte-level BPE trained on the training split, cached), "char" (text8's characters), a local tokenizer
+    # folder, or a HF name.
     tokenizer: str = "bpe"
     tokenizer_vocab_size: int = 4096  # only for tokenizer: bpe
-    framing: str = "packed"  # MDLM: documents + EOS concatenated, cut into L - 2, framed BOS ... EOS
+    # packed (MDLM: documents + EOS concatenated, cut into L - 2, framed BOS ... EOS) | padded (one document per
+    # row, BOS ... EOS then PAD to L, truncated; for sentence-level data such as LM1B)
+    framing: str = "packed"
 
 
 @dataclass
@@ -94,9 +98,39 @@ class TrainingConfig:
 
 
 @dataclass
+class AtatConfig:
+    """ATAT (DESIGN 3.2-3.3). `enabled: false` is the MDLM baseline exactly: no estimator, uniform masks."""
+
+    enabled: bool = True
+    importance_mode: str = "full"  # full | learned_only | frequency_only | none
+    masking: str = "importance"  # importance (beta > 0 masks hard tokens more) | inverse | balanced | uniform
+    beta0: float = 0.5  # tilt strength in logit space; p_i / t stays within about exp(+-3 beta0)
+    correction: bool = True  # weight 1/p_i (keeps each token's expected weight); false = the "focus" ablation
+    estimator_hidden_dim: int = 128
+    estimator_num_layers: int = 2
+    estimator_num_heads: int = 4
+    estimator_cond_dim: int = 64
+    estimator_learning_rate: float = 1e-3
+    estimator_loss: str = "bce"  # bce | mse, against the rank percentile of the denoiser's per-token loss
+    estimator_warmup_steps: int = 1000  # optimiser steps before the estimator drives masking
+    diagnostics_batches: int = 8  # validation batches for the estimator's diagnostics at each evaluation
+
+
+# Curriculum variants (DESIGN 3.4): stage boundaries as fractions of training.
+CURRICULUM_VARIANTS: dict[str, tuple[float, float] | None] = {
+    "default": (0.33, 0.66),
+    "early": (0.2, 0.6),
+    "late": (0.35, 0.8),
+    "none": None,  # fixed beta = beta0 throughout
+}
+
+
+@dataclass
 class CurriculumConfig:
-    stage_1_end: float = 0.33
-    stage_2_end: float = 0.66
+    variant: str = "default"  # default | early | late | none; default uses stage_1_end / stage_2_end as given
+    stage_1_end: float = 0.33  # easy (beta = -beta0) until here
+    stage_2_end: float = 0.66  # medium (beta = 0) until here, hard (beta = +beta0) after
+    ramp: float = 0.0  # width (fraction of training) of a linear beta ramp centred on each boundary
 
 
 @dataclass
@@ -112,6 +146,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    atat: AtatConfig = field(default_factory=AtatConfig)
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
@@ -188,6 +223,23 @@ def _apply_model_size(model: ModelConfig, raw: dict[str, Any]) -> None:
         setattr(model, key, value)
 
 
+def _apply_curriculum_variant(curriculum: CurriculumConfig, raw: dict[str, Any]) -> None:
+    if curriculum.variant not in CURRICULUM_VARIANTS:
+        raise ConfigError(
+            f"curriculum.variant: unknown variant {curriculum.variant!r}; choose one of {', '.join(CURRICULUM_VARIANTS)}"
+        )
+    bounds = CURRICULUM_VARIANTS[curriculum.variant]
+    if curriculum.variant in ("default", "none") or bounds is None:
+        return
+    for key, value in zip(("stage_1_end", "stage_2_end"), bounds):
+        if key in raw and raw[key] != value:
+            raise ConfigError(
+                f"curriculum.{key}: {raw[key]} conflicts with curriculum.variant={curriculum.variant} ({value}); "
+                "set one of the two (variant default takes the stage ends as given)"
+            )
+        setattr(curriculum, key, value)
+
+
 def from_dict(raw: dict[str, Any]) -> Config:
     """Build and validate a Config from a nested dict (as read from YAML)."""
     if raw is None:
@@ -204,6 +256,7 @@ def from_dict(raw: dict[str, Any]) -> Config:
         built[name] = _build_section(section_cls, raw.get(name), name)
     cfg = Config(**built)
     _apply_model_size(cfg.model, raw.get("model") or {})
+    _apply_curriculum_variant(cfg.curriculum, raw.get("curriculum") or {})
     validate(cfg)
     return cfg
 
@@ -267,7 +320,7 @@ def _one_of(value: Any, key: str, choices: tuple[str, ...]) -> None:
     _require(value in choices, key, f"{value!r} is not one of {', '.join(choices)}")
 
 
-MODEL_NAMES = ("atat-dit", "mdlm-dit")
+MODEL_NAMES = ("atat-dit", "mdlm-dit", "ar")  # ar: the autoregressive baseline (models/ar.py)
 
 
 def validate(cfg: Config) -> None:
@@ -276,9 +329,14 @@ def validate(cfg: Config) -> None:
     _require(d.max_length >= 4, "data.max_length", f"must be >= 4 (BOS, EOS and content), got {d.max_length}")
     _require(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
     _require(d.tokenizer_vocab_size >= 260, "data.tokenizer_vocab_size", "must be >= 260 (256 bytes + specials)")
-    _one_of(d.framing, "data.framing", ("packed",))
+    _one_of(d.framing, "data.framing", ("packed", "padded"))
 
     _one_of(m.name, "model.name", MODEL_NAMES)
+    _require(
+        not (m.name == "ar" and cfg.atat.enabled),
+        "atat.enabled",
+        "must be false with model.name: ar (ATAT adapts the masks of a diffusion model; the AR baseline has none)",
+    )
     _require(m.hidden_dim >= 8, "model.hidden_dim", f"must be >= 8, got {m.hidden_dim}")
     _require(m.num_layers >= 1, "model.num_layers", f"must be >= 1, got {m.num_layers}")
     _require(m.num_heads >= 1, "model.num_heads", f"must be >= 1, got {m.num_heads}")
@@ -321,6 +379,24 @@ def validate(cfg: Config) -> None:
         f"{t.device!r} is not auto, cpu, cuda or cuda:N",
     )
 
+    a = cfg.atat
+    _one_of(a.importance_mode, "atat.importance_mode", ("full", "learned_only", "frequency_only", "none"))
+    _one_of(a.masking, "atat.masking", ("importance", "inverse", "balanced", "uniform"))
+    _require(0 <= a.beta0 <= 5, "atat.beta0", f"must be in [0, 5] (p_i / t is bounded by exp(3 beta0)), got {a.beta0}")
+    for key in ("estimator_hidden_dim", "estimator_num_layers", "estimator_num_heads", "estimator_cond_dim"):
+        value = getattr(a, key)
+        _require(value >= 1, f"atat.{key}", f"must be >= 1, got {value}")
+    _require(
+        a.estimator_hidden_dim % a.estimator_num_heads == 0 and (a.estimator_hidden_dim // a.estimator_num_heads) % 2 == 0,
+        "atat.estimator_num_heads",
+        f"estimator_hidden_dim {a.estimator_hidden_dim} / estimator_num_heads {a.estimator_num_heads} must be an even integer",
+    )
+    _require(a.estimator_learning_rate > 0, "atat.estimator_learning_rate", f"must be > 0, got {a.estimator_learning_rate}")
+    _one_of(a.estimator_loss, "atat.estimator_loss", ("bce", "mse"))
+    _require(a.estimator_warmup_steps >= 0, "atat.estimator_warmup_steps", f"must be >= 0, got {a.estimator_warmup_steps}")
+    _require(a.diagnostics_batches >= 0, "atat.diagnostics_batches", f"must be >= 0, got {a.diagnostics_batches}")
+
+    _require(0 <= c.ramp < 0.5, "curriculum.ramp", f"must be in [0, 0.5), got {c.ramp}")
     _require(0 < c.stage_1_end < 1, "curriculum.stage_1_end", f"must be in (0, 1), got {c.stage_1_end}")
     _require(0 < c.stage_2_end <= 1, "curriculum.stage_2_end", f"must be in (0, 1], got {c.stage_2_end}")
     _require(

@@ -32,6 +32,9 @@ class NelboTerms:
     token_loss: torch.Tensor  # (B, L): weight * -log p at masked positions, exactly 0 elsewhere
     t: torch.Tensor  # (B,): the diffusion times used
     tokens_per_sequence: torch.Tensor  # (B,): real tokens per sequence
+    token_nll: torch.Tensor  # (B, L): -log p(x0_i | x_t) at masked positions (unweighted), 0 elsewhere
+    masked: torch.Tensor  # (B, L) bool: the positions that were MASK in x_t
+    weight: torch.Tensor  # (B, 1) or (B, L): the weight applied to each masked position's -log p
 
     @property
     def sequence_loss(self) -> torch.Tensor:
@@ -74,13 +77,15 @@ class MaskedDiffusionObjective:
         attention_mask: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         uniform_noise: torch.Tensor | None = None,
+        mask_probs: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward process q(x_t | x0): each real token becomes MASK with probability alpha(t).
 
         x0 (B, L), t (B,) -> x_t (B, L), masked (B, L) bool. Padding is never masked. `uniform_noise` (B, L)
         in [0, 1) replaces the draw (evaluation passes noise drawn on the CPU so results match across devices).
+        `mask_probs` (B, L) replaces alpha(t) per token (adaptive masking, DESIGN 3.3).
         """
-        probs = self.schedule.mask_prob(t)[:, None]  # (B, 1)
+        probs = self.schedule.mask_prob(t)[:, None] if mask_probs is None else mask_probs  # (B, 1) or (B, L)
         if uniform_noise is None:
             uniform_noise = torch.rand(x0.shape, device=x0.device, generator=generator)
         masked = uniform_noise < probs  # (B, L)
@@ -97,13 +102,24 @@ class MaskedDiffusionObjective:
         attention_mask: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         uniform_noise: torch.Tensor | None = None,
+        mask_probs: torch.Tensor | None = None,
+        correction: bool = True,
     ) -> NelboTerms:
-        """One Monte Carlo estimate of the NELBO for a batch x0 (B, L)."""
+        """One Monte Carlo estimate of the NELBO for a batch x0 (B, L).
+
+        With adaptive `mask_probs` p_i (B, L), a masked token's weight is (1/t) * alpha(t) / p_i when
+        `correction` is on, so that E[m_i * weight_i] equals MDLM's at every t (DESIGN 3.3); without it, 1/t
+        (the "focus" ablation). With mask_probs None this is MDLM's loss, bit for bit.
+        """
         if t is None:
             t = self.sample_t(x0.shape[0], x0.device, generator)
-        x_t, masked = self.corrupt(x0, t, attention_mask, generator, uniform_noise)
+        x_t, masked = self.corrupt(x0, t, attention_mask, generator, uniform_noise, mask_probs)
         logits = model(x_t, self.schedule.total_noise(t))  # (B, L, V)
-        token_loss = masked_token_nll(logits, x0, masked, self.mask_id) * self.schedule.loss_weight(t)[:, None]
+        weight = self.schedule.loss_weight(t)[:, None]  # (B, 1)
+        if mask_probs is not None and correction:
+            weight = weight * self.schedule.mask_prob(t)[:, None] / mask_probs.detach()  # (B, L)
+        token_nll = masked_token_nll(logits, x0, masked, self.mask_id)  # (B, L)
+        token_loss = token_nll * weight
         if attention_mask is None:
             tokens_per_sequence = torch.full((x0.shape[0],), x0.shape[1], device=x0.device, dtype=torch.float32)
         else:
@@ -118,4 +134,7 @@ class MaskedDiffusionObjective:
             token_loss=token_loss,
             t=t,
             tokens_per_sequence=tokens_per_sequence,
+            token_nll=token_nll,
+            masked=masked,
+            weight=weight,
         )

@@ -11,13 +11,23 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from mdlm_atat.config import TrainingConfig
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainingConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW; weight decay (if any) on matrices only: decaying norms' gains and biases only hurts."""
+def build_optimizer(
+    model: torch.nn.Module,
+    cfg: TrainingConfig,
+    device: torch.device,
+    extra_groups: list[dict] | None = None,
+) -> torch.optim.AdamW:
+    """AdamW; weight decay (if any) on matrices only: decaying norms' gains and biases only hurts.
+
+    `extra_groups` are further parameter groups with their own settings (ATAT's estimator has its own LR); the
+    LR schedule scales every group's LR by the same warm-up / decay factor.
+    """
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
     groups = [
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
+        *(extra_groups or []),
     ]
     return torch.optim.AdamW(
         groups,

@@ -1,9 +1,11 @@
 """The training loop: one loop for every variant (STYLE principle 2), readable in one sitting.
 
 A step: `gradient_accumulation_steps` micro-batches whose times t are stratified over the whole accumulated
-batch, backward on each, clip, AdamW, LR schedule, EMA. Every `log_every_n_steps` a metrics line; every
-`eval_every_n_steps` the validation bound with the EMA weights (best.pt when it improves); every
-`save_every_n_steps` checkpoints/last.pt, which holds everything needed to continue exactly.
+batch, backward on each, clip, AdamW, LR schedule, EMA. MDLM and ATAT differ only in how a micro-batch's loss
+is made: MDLM calls the objective; ATAT (`atat.enabled`) runs its estimator, masks adaptively, and adds the
+estimator's own loss (diffusion/atat.py). Every `log_every_n_steps` a metrics line; every `eval_every_n_steps`
+the validation bound with the EMA weights (best.pt when it improves) and, for ATAT, the estimator's
+diagnostics; every `save_every_n_steps` checkpoints/last.pt, which holds everything needed to continue exactly.
 """
 
 from __future__ import annotations
@@ -22,10 +24,13 @@ from tqdm import tqdm
 from mdlm_atat.config import Config, ConfigError
 from mdlm_atat.data.loader import eval_batches, train_batches
 from mdlm_atat.data.tokenizers import Tokenizer
+from mdlm_atat.diffusion.atat import AtatTraining
 from mdlm_atat.diffusion.objective import MaskedDiffusionObjective
 from mdlm_atat.diffusion.schedule import LogLinearSchedule
+from mdlm_atat.eval.diagnostics import importance_diagnostics
 from mdlm_atat.eval.likelihood import BoundResult, evaluate_bound
 from mdlm_atat.models import build_model, count_parameters
+from mdlm_atat.models.importance import ImportanceEstimator, unigram_surprisal
 from mdlm_atat.pipeline import build_run_data
 from mdlm_atat.runtime import autocast_for, precision_name, resolve_device
 from mdlm_atat.train.checkpoint import CheckpointError, RunDirError, checkpoint_dir, load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -47,7 +52,19 @@ def seed_everything(seed: int) -> None:
 
 
 def make_objective(cfg: Config, tokenizer: Tokenizer) -> MaskedDiffusionObjective:
+    if cfg.model.name == "ar":  # the AR baseline: same loop, next-token NLL (models/ar.py)
+        from mdlm_atat.models.ar import NextTokenObjective
+
+        return NextTokenObjective(tokenizer.mask_id)
     return MaskedDiffusionObjective(LogLinearSchedule(cfg.diffusion.eps), tokenizer.mask_id, cfg.diffusion.antithetic)
+
+
+def build_estimator(cfg: Config, num_tokens: int, unigram_counts) -> ImportanceEstimator | None:
+    """ATAT's importance estimator with the training split's unigram surprisal, or None for the MDLM baseline."""
+    if not cfg.atat.enabled:
+        return None
+    surprisal = unigram_surprisal(unigram_counts, num_tokens) if unigram_counts is not None else None
+    return ImportanceEstimator(cfg.atat, num_tokens, surprisal)
 
 
 def train(cfg: Config, run_dir: Path, resume: bool = False, max_steps: int | None = None) -> dict[str, Any]:
@@ -82,12 +99,24 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, max_steps: int | Non
     # Compiled for the training forward only; checkpoints and the EMA hold the plain module (no `_orig_mod.`).
     forward_model = torch.compile(model) if tc.compile else model
     objective = make_objective(cfg, data.tokenizer)
-    optimizer = build_optimizer(model, tc, device)
+    estimator = build_estimator(cfg, data.tokenizer.num_tokens, data.train.unigram_counts)
+    atat = None
+    extra_groups = []
+    if estimator is not None:
+        estimator.to(device)
+        atat = AtatTraining(cfg, estimator)
+        if estimator.learned:  # its own group and LR; no weight decay
+            extra_groups.append(
+                {"params": list(estimator.parameters()), "lr": cfg.atat.estimator_learning_rate, "weight_decay": 0.0}
+            )
+    optimizer = build_optimizer(model, tc, device, extra_groups)
     scheduler = build_scheduler(optimizer, tc)
     ema = build_ema(model, tc.ema_decay)
     state = TrainState()
     if payload is not None:
         model.load_state_dict(payload["model"])
+        if estimator is not None:
+            estimator.load_state_dict(payload["estimator"])
         if ema is not None:
             ema.module.load_state_dict(payload["ema"])
             ema.n_averaged.fill_(payload["ema_num_updates"])
@@ -110,6 +139,8 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, max_steps: int | Non
             "device": str(device),
             "precision": precision_name(device, tc.mixed_precision),
             "parameters": count_parameters(model),
+            "method": "mdlm" if atat is None else f"atat ({cfg.atat.importance_mode}, {cfg.atat.masking})",
+            "estimator_parameters": count_parameters(estimator) if estimator is not None else 0,
             "vocab_size": data.tokenizer.vocab_size,
             "train_blocks": len(data.train_blocks),
             "val_blocks": len(data.val_blocks),
@@ -125,6 +156,8 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, max_steps: int | Non
             "config_hash": cfg.hash(),
             "state": asdict(state),
             "model": model.state_dict(),
+            "estimator": estimator.state_dict() if estimator is not None else None,
+            "curriculum": asdict(atat.curriculum.state(state.step)) if atat is not None else None,
             "ema": ema.module.state_dict() if ema is not None else None,
             "ema_num_updates": int(ema.n_averaged) if ema is not None else 0,
             "optimizer": optimizer.state_dict(),
@@ -157,6 +190,18 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, max_steps: int | Non
                 "best": improved,
             }
         )
+        if estimator is not None and cfg.atat.diagnostics_batches > 0:
+            diagnostics = importance_diagnostics(
+                ema.module if ema is not None else model,
+                estimator,
+                objective,
+                eval_batches(data.val_blocks, batch_size, max_batches=cfg.atat.diagnostics_batches),
+                data.tokenizer,
+                seed=tc.seed,
+                device=device,
+                autocast=autocast,
+            )
+            metrics.write({"event": "atat_val", "step": state.step, **diagnostics})
         if improved:
             save_checkpoint(checkpoint_dir(run_dir) / "best.pt", checkpoint_payload())
         return result
@@ -171,13 +216,24 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, max_steps: int | Non
     try:
         while state.step < end_step:
             t_all = objective.sample_t(batch_size * accum, device)  # stratified over the accumulated batch
+            log_now = (state.step + 1) % tc.log_every_n_steps == 0 or state.step == 0 or state.step + 1 == end_step
             for micro in range(accum):
                 x0 = next(batches).to(device, non_blocking=True)  # (B, L)
+                t = t_all[micro * batch_size : (micro + 1) * batch_size]
                 with autocast:
-                    terms = objective(forward_model, x0, t=t_all[micro * batch_size : (micro + 1) * batch_size])
-                (terms.loss / accum).backward()
+                    if atat is None:
+                        terms = objective(forward_model, x0, t=t)
+                        loss = terms.loss
+                    else:
+                        atat_step = atat(objective, forward_model, x0, t, state.step, with_stats=log_now)
+                        terms = atat_step.terms
+                        loss = terms.loss + atat_step.estimator_loss  # disjoint parameters: stop-gradient
+                (loss / accum).backward()
                 loss_sum += terms.loss.detach() / accum
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else math.inf)
+            max_norm = tc.grad_clip if tc.grad_clip > 0 else math.inf
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+            if estimator is not None and estimator.learned:
+                torch.nn.utils.clip_grad_norm_(estimator.parameters(), max_norm)  # its own budget
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -188,7 +244,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, max_steps: int | Non
             steps_since_log += 1
             progress.update(1)
 
-            if state.step % tc.log_every_n_steps == 0 or state.step == 1 or state.step == end_step:
+            if log_now:
                 loss = loss_sum.item() / steps_since_log
                 elapsed = time.perf_counter() - log_clock
                 first_loss = loss if first_loss is None else first_loss
@@ -202,6 +258,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, max_steps: int | Non
                         "grad_norm": float(grad_norm),
                         "tokens_seen": state.samples_seen * cfg.data.max_length,
                         "tokens_per_s": steps_since_log * tokens_per_step / elapsed,
+                        **(_atat_record(atat_step) if atat is not None else {}),
                     }
                 )
                 progress.set_postfix(loss=f"{loss:.3f}")
@@ -224,6 +281,14 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, max_steps: int | Non
         "val": val_result.to_dict() if val_result is not None else None,
         "best_val_nelbo": state.best_val_nelbo,
     }
+
+
+def _atat_record(step) -> dict[str, Any]:
+    """The curriculum state and the masking / importance statistics of the step just taken (last micro-batch)."""
+    record: dict[str, Any] = {"stage": step.state.stage, "beta": step.state.beta}
+    record["estimator_loss"] = float(step.estimator_loss.detach())
+    record.update({key: float(value) for key, value in step.stats.items()})
+    return record
 
 
 def _check_vocab(cfg: Config, tokenizer: Tokenizer) -> None:
