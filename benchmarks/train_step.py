@@ -24,6 +24,11 @@ match eager within a relative 2e-2 (bf16). MDLM's output layer and adaLN start a
 (1 - eps) ln V whatever the blocks compute, so the benchmark first moves them off zero (N(0, 0.02)); that changes
 no timing.
 
+ATAT variants (`atat`, `atat-compiled`): the same step with ATAT's work added, as the trainer does it: the
+importance estimator (default size: 128 wide, 2 blocks) on the clean tokens, the tilted masks (fixed beta0 = 0.5,
+the hard stage), the 1/p-corrected NELBO, the rank-percentile targets and the estimator's BCE loss, one backward
+for both, clipping and AdamW over both parameter groups. The issue's budget: ATAT step <= 1.10 x MDLM step.
+
 CPU smoke test (seconds):
     python benchmarks/train_step.py --device cpu --hidden-dim 64 --num-layers 2 --num-heads 2 \
         --seq-len 64 --batch-size 4 --vocab-size 1000 --steps 3 --warmup 1 --variants eager
@@ -47,14 +52,16 @@ from typing import Any
 
 import torch
 
-from mdlm_atat.config import MODEL_SIZES, ModelConfig, TrainingConfig
+from mdlm_atat.config import MODEL_SIZES, ModelConfig, TrainingConfig, load_config
+from mdlm_atat.diffusion.atat import AtatTraining
 from mdlm_atat.diffusion.objective import MaskedDiffusionObjective
 from mdlm_atat.diffusion.schedule import LogLinearSchedule
 from mdlm_atat.models.dit import DiT, DiTBlock, FinalLayer, count_parameters
+from mdlm_atat.models.importance import ImportanceEstimator, unigram_surprisal
 from mdlm_atat.runtime import autocast_for, precision_name, resolve_device
 from mdlm_atat.train.optim import build_optimizer
 
-VARIANTS = ("eager", "compiled")
+VARIANTS = ("eager", "compiled", "atat", "atat-compiled")
 H100_BF16_DENSE_FLOPS = 989e12  # H100 SXM datasheet, bf16 tensor cores without sparsity (the H200's is the same)
 LOSS_RTOL = 2e-2  # bf16 keeps 8 mantissa bits: ~4e-3 per rounding
 NUM_DISTINCT_BATCHES = 4  # cycled, so that no step reuses the previous step's masks
@@ -160,12 +167,20 @@ def make_batches(
     return batches
 
 
-def train_step(model, params, objective, optimizer, batch: Batch, autocast) -> torch.Tensor:
+def train_step(model, params, objective, optimizer, batch: Batch, autocast, atat=None) -> torch.Tensor:
     """One optimiser step as the trainer takes it; returns the detached loss (no host sync)."""
     with autocast:
-        terms = objective(model, batch.x0, t=batch.t, uniform_noise=batch.uniform_noise)
-    terms.loss.backward()
+        if atat is None:
+            terms = objective(model, batch.x0, t=batch.t, uniform_noise=batch.uniform_noise)
+            loss = terms.loss
+        else:
+            step = atat(objective, model, batch.x0, batch.t, step=atat.curriculum.warmup_steps)
+            terms = step.terms
+            loss = terms.loss + step.estimator_loss
+    loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
+    if atat is not None:
+        torch.nn.utils.clip_grad_norm_(atat.estimator.parameters(), 1.0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return terms.loss.detach()
@@ -241,9 +256,18 @@ def run_variant(
         torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(args.seed)  # same dropout stream start for each variant
     module = copy.deepcopy(reference).to(device)
-    model = torch.compile(module) if variant == "compiled" else module
+    compiled = variant.endswith("compiled")
+    model = torch.compile(module) if compiled else module
     params = list(module.parameters())
-    optimizer = build_optimizer(module, TrainingConfig(), device)  # AdamW, fused on CUDA, as in training
+    atat, extra_groups = None, []
+    if variant.startswith("atat"):
+        atat_cfg = load_config(None, ["curriculum.variant=none", "atat.estimator_warmup_steps=0"])
+        counts = torch.randint(0, 1000, (args.vocab_size,), generator=torch.Generator().manual_seed(args.seed))
+        estimator = ImportanceEstimator(atat_cfg.atat, module.num_tokens, unigram_surprisal(counts, module.num_tokens))
+        estimator.to(device)
+        atat = AtatTraining(atat_cfg, torch.compile(estimator) if compiled else estimator)
+        extra_groups = [{"params": list(estimator.parameters()), "lr": atat_cfg.atat.estimator_learning_rate}]
+    optimizer = build_optimizer(module, TrainingConfig(), device, extra_groups)  # AdamW, fused on CUDA
     autocast = autocast_for(device, "bf16")
 
     clock = time.perf_counter()
@@ -255,7 +279,7 @@ def run_variant(
 
     def step(i: int) -> None:
         batch = batches[i % len(batches)]
-        losses.append(train_step(model, params, objective, optimizer, batch, autocast))
+        losses.append(train_step(model, params, objective, optimizer, batch, autocast, atat))
 
     first_step_s = None
     for i in range(args.warmup):
@@ -365,6 +389,11 @@ def main(argv: list[str] | None = None) -> int:
         ok &= numerics["ok"]
         verdict = "OK" if numerics["ok"] else "MISMATCH"
         print(f"numerics: eager {eager:.6f}  compiled {compiled:.6f}  rel diff {rel:.2e} (tol {LOSS_RTOL}) {verdict}")
+    for plain, with_atat in (("eager", "atat"), ("compiled", "atat-compiled")):
+        if plain in by_name and with_atat in by_name:
+            ratio = by_name[with_atat]["median_step_s"] / by_name[plain]["median_step_s"]
+            numerics[f"{with_atat}_over_{plain}"] = ratio
+            print(f"ATAT step / MDLM step ({plain}): {ratio:.3f} (budget 1.10)")
     if not all(r["losses_finite"] for r in results):
         print("non-finite training loss in: " + ", ".join(r["variant"] for r in results if not r["losses_finite"]))
 

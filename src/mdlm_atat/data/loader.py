@@ -6,6 +6,9 @@ one after another. Global batch k holds samples [k * B * W, (k + 1) * B * W) (B 
 the r-th slice of B. Resuming at `start_sample = samples_seen` therefore yields exactly the batches an
 uninterrupted run would have seen, and no global RNG (torch's or numpy's) is consumed, since the trainer's
 exact resume depends on those.
+
+Batches are plain (B, L) int64 tensors in every framing; `attention_mask` says which positions are real tokens
+(the padded framing's PAD id is unique to padding, see store.py), so the loss can count only those (DESIGN 3.1).
 """
 
 from __future__ import annotations
@@ -15,6 +18,20 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+
+from mdlm_atat.data.tokenizers import Tokenizer
+
+
+def attention_mask(batch: torch.Tensor, tokenizer: Tokenizer, framing: str) -> torch.Tensor | None:
+    """(B, L) bool, True at real tokens (BOS, document, EOS) and False at padding; None for the packed framing,
+    where every position is real (callers then skip the masking work)."""
+    if framing == "packed":
+        return None
+    if framing == "padded":
+        if tokenizer.pad_id is None:
+            raise ValueError(f"attention_mask: framing 'padded' but {tokenizer!r} has no pad id")
+        return batch != tokenizer.pad_id
+    raise ValueError(f"attention_mask: unknown framing {framing!r} (packed, padded)")
 
 
 class BlockSampler:

@@ -104,7 +104,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, max_steps: int | Non
     extra_groups = []
     if estimator is not None:
         estimator.to(device)
-        atat = AtatTraining(cfg, estimator)
+        atat = AtatTraining(cfg, torch.compile(estimator) if tc.compile else estimator)
         if estimator.learned:  # its own group and LR; no weight decay
             extra_groups.append(
                 {"params": list(estimator.parameters()), "lr": cfg.atat.estimator_learning_rate, "weight_decay": 0.0}
