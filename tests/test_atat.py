@@ -238,3 +238,17 @@ def test_learned_estimator_learns_difficulty(tiny_config, tmp_path):
     train(cfg, tmp_path / "run")
     final = records(tmp_path / "run", "atat_val")[-1]
     assert final["spearman_estimator"] > 0.3
+
+
+def test_every_documented_ablation_loads():
+    import re
+
+    from conftest import CONFIG_DIR, REPO
+
+    text = (REPO / "docs" / "ablations.md").read_text()
+    overrides = sorted(set(re.findall(r"`((?:atat|curriculum)\.[a-z_0-9]+=[^`\s]+)`", text)))
+    assert len(overrides) >= 16
+    for item in overrides:
+        for config in ("openwebtext.yaml", "quickstart.yaml"):
+            load_config(CONFIG_DIR / config, [item])
+    assert load_config(CONFIG_DIR / "openwebtext.yaml").atat.enabled  # ATAT by default
