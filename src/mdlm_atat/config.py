@@ -231,8 +231,11 @@ def _apply_curriculum_variant(curriculum: CurriculumConfig, raw: dict[str, Any])
     bounds = CURRICULUM_VARIANTS[curriculum.variant]
     if curriculum.variant in ("default", "none") or bounds is None:
         return
-    for key, value in zip(("stage_1_end", "stage_2_end"), bounds):
-        if key in raw and raw[key] != value:
+    defaults = CURRICULUM_VARIANTS["default"]
+    for key, value, default in zip(("stage_1_end", "stage_2_end"), bounds, defaults):
+        # Stage ends written at their default values (as configs that spell out the whole recipe do) yield to
+        # the variant; any other value is a real conflict.
+        if key in raw and raw[key] not in (value, default):
             raise ConfigError(
                 f"curriculum.{key}: {raw[key]} conflicts with curriculum.variant={curriculum.variant} ({value}); "
                 "set one of the two (variant default takes the stage ends as given)"
