@@ -70,6 +70,41 @@ def _add_eval(subparsers) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
 
 
+def _add_prepare(subparsers) -> None:
+    p = subparsers.add_parser(
+        "prepare",
+        aliases=["download"],
+        help="fetch datasets and tokenize them into memory-mapped token stores (reused when nothing changed)",
+        description=(
+            "Read each dataset (a HF name such as openwebtext, wikitext103, lm1b, text8, ptb, lambada; a local "
+            ".jsonl/.txt/.parquet file or folder; stdlib-docs), tokenize it in parallel and write one memory-mapped "
+            "token array per split plus a manifest, where `atat train` and `atat eval` look for them. The tokenizer, "
+            "L and framing come from the config: data.tokenizer, data.max_length, data.framing."
+        ),
+    )
+    p.add_argument(
+        "--datasets",
+        help="comma-separated dataset names or paths (default: the config's data.dataset_name)",
+    )
+    p.add_argument(
+        "--output-dir",
+        type=Path,
+        help="cache folder for the stores and tokenizers (default: data.cache_dir); train with the same "
+        "data.cache_dir to use them",
+    )
+    p.add_argument("--config", type=Path, help="YAML run config whose data section to use (default: the defaults)")
+    p.add_argument(
+        "--splits",
+        help="comma-separated splits to prepare (default: the config's train_split, val_split and test_split); "
+        "a split the dataset does not have is skipped",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "overrides", nargs="*", metavar="key=value",
+        help="config overrides, e.g. data.tokenizer=../shared/tokenizers/gpt2 data.max_length=128 data.framing=padded",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="atat",
@@ -80,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
     _add_train(subparsers)
     _add_eval(subparsers)
+    _add_prepare(subparsers)
     return parser
 
 
@@ -142,7 +178,20 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-VERBS = {"train": run_train, "eval": run_eval}
+def run_prepare(args: argparse.Namespace) -> int:
+    from mdlm_atat.data.prepare import prepare_datasets
+
+    overrides = list(args.overrides)
+    if args.output_dir is not None:
+        overrides.append(f"data.cache_dir={args.output_dir}")
+    cfg = load_config(args.config, overrides)
+    datasets = [d.strip() for d in args.datasets.split(",") if d.strip()] if args.datasets else None
+    splits = [s.strip() for s in args.splits.split(",") if s.strip()] if args.splits else None
+    prepare_datasets(cfg.data, datasets, splits, progress=not args.no_progress)
+    return 0
+
+
+VERBS = {"train": run_train, "eval": run_eval, "prepare": run_prepare, "download": run_prepare}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if unknown:
-        if args.verb != "train":
+        if args.verb not in ("train", "prepare", "download"):
             parser.error(f"unrecognized arguments: {' '.join(unknown)}")
         args.overrides = list(args.overrides) + unknown
     try:
