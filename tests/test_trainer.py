@@ -96,3 +96,22 @@ def test_evaluate_checkpoint_uses_ema_and_reports_provenance(tiny_config, tmp_pa
     assert raw["weights"] == "raw" and raw["nelbo"] != result["nelbo"]
     model, cfg, tokenizer, meta = load_for_inference(ckpt)
     assert not model.training and meta["config_hash"] == cfg.hash()
+
+
+def test_padded_framing_trains_and_never_counts_padding(tiny_config, tmp_path):
+    import random
+
+    rng = random.Random(0)
+    words = "the a model token mask noise time step loss data text sample".split()
+    corpus = tmp_path / "sentences.jsonl"
+    with open(corpus, "w") as f:
+        for i in range(400):
+            split = "train" if i < 320 else "validation" if i < 360 else "test"
+            text = " ".join(rng.choice(words) for _ in range(rng.randint(3, 12)))
+            f.write(json.dumps({"text": text, "split": split}) + "\n")
+    cfg = tiny_config(f"data.dataset_name={corpus}", "data.framing=padded", "data.max_length=32",
+                      "training.total_steps=3", "data.tokenizer_vocab_size=300")
+    summary = train(cfg, tmp_path / "run")
+    assert math.isfinite(summary["last_loss"])
+    result = evaluate_checkpoint(tmp_path / "run", max_batches=2, device="cpu")
+    assert 0 < result["num_tokens"] < 2 * 8 * 32 / 2  # short sentences: most positions are padding, not counted

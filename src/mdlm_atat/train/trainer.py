@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from mdlm_atat.config import Config, ConfigError
-from mdlm_atat.data.loader import eval_batches, train_batches
+from mdlm_atat.data.loader import attention_mask, eval_batches, train_batches
 from mdlm_atat.data.tokenizers import Tokenizer
 from mdlm_atat.diffusion.atat import AtatTraining
 from mdlm_atat.diffusion.objective import MaskedDiffusionObjective
@@ -175,6 +175,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, max_steps: int | Non
             seed=tc.seed,
             device=device,
             autocast=autocast,
+            pad_id=data.tokenizer.pad_id if cfg.data.framing == "padded" else None,
         )
         improved = result.nelbo < state.best_val_nelbo
         if improved:
@@ -219,13 +220,14 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, max_steps: int | Non
             log_now = (state.step + 1) % tc.log_every_n_steps == 0 or state.step == 0 or state.step + 1 == end_step
             for micro in range(accum):
                 x0 = next(batches).to(device, non_blocking=True)  # (B, L)
+                real = attention_mask(x0, data.tokenizer, cfg.data.framing)  # None when packed: all real
                 t = t_all[micro * batch_size : (micro + 1) * batch_size]
                 with autocast:
                     if atat is None:
-                        terms = objective(forward_model, x0, t=t)
+                        terms = objective(forward_model, x0, t=t, attention_mask=real)
                         loss = terms.loss
                     else:
-                        atat_step = atat(objective, forward_model, x0, t, state.step, with_stats=log_now)
+                        atat_step = atat(objective, forward_model, x0, t, state.step, real, with_stats=log_now)
                         terms = atat_step.terms
                         loss = terms.loss + atat_step.estimator_loss  # disjoint parameters: stop-gradient
                 (loss / accum).backward()
