@@ -60,6 +60,11 @@ def _add_eval(subparsers) -> None:
         help="dataset to score: stdlib-docs, a local .jsonl/.txt file or folder, or a HF name "
         "(default: the checkpoint's training dataset)",
     )
+    p.add_argument(
+        "--datasets",
+        help="several datasets in one call, comma-separated, each NAME or NAME:SPLIT (e.g. "
+        "stdlib-docs:test,../shared/corpora/brown.jsonl); the JSON is then an object keyed by these entries",
+    )
     p.add_argument("--split", help="split to score (default: the config's data.val_split)")
     p.add_argument("--output", type=Path, help="also write the JSON to this file")
     p.add_argument("--num-t", type=int, help="stratified times t per sequence (default: diffusion.eval_num_t)")
@@ -157,19 +162,17 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from mdlm_atat.eval.run import evaluate_checkpoint
+    from mdlm_atat.eval.run import evaluate_checkpoint, evaluate_datasets
 
-    result = evaluate_checkpoint(
-        args.checkpoint,
-        dataset=args.dataset,
-        split=args.split,
-        num_t=args.num_t,
-        batch_size=args.batch_size,
-        max_batches=args.max_batches,
-        seed=args.seed,
-        use_ema=not args.no_ema,
-        device=args.device,
-    )
+    options = dict(split=args.split, num_t=args.num_t, batch_size=args.batch_size, max_batches=args.max_batches,
+                   seed=args.seed, use_ema=not args.no_ema, device=args.device)
+    if args.datasets is not None:
+        if args.dataset is not None:
+            raise ConfigError("--dataset and --datasets: give one (--datasets takes a comma-separated list)")
+        names = [d.strip() for d in args.datasets.split(",") if d.strip()]
+        result = evaluate_datasets(args.checkpoint, names, **options)
+    else:
+        result = evaluate_checkpoint(args.checkpoint, dataset=args.dataset, **options)
     text = json.dumps(result, indent=2)
     if args.output is not None:
         args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -51,8 +51,16 @@ def evaluate_bound(
     seed: int = 0,
     device: torch.device | str = "cpu",
     autocast: contextlib.AbstractContextManager | None = None,
+    pad_id: int | None = None,
 ) -> BoundResult:
-    """Score every sequence of `batches` (each (B, L) long) with `num_t` stratified t; never touches global RNG."""
+    """Score every sequence of `batches` (each (B, L) long) with `num_t` stratified t; never touches global RNG.
+
+    `pad_id` (padded framing): positions holding it are padding, neither masked nor counted.
+
+    An objective whose loss is exact (`objective.exact`, the AR baseline's NLL) is scored in one pass: num_t = 1.
+    """
+    exact = getattr(objective, "exact", False)
+    num_t = 1 if exact else num_t
     if isinstance(model, torch.nn.Module):
         was_training = model.training
         model.eval()
@@ -62,12 +70,15 @@ def evaluate_bound(
     token_counts: list[torch.Tensor] = []
     for x0 in batches:
         x0 = x0.to(device, non_blocking=True)
-        times = stratified_times(x0.shape[0], num_t, objective.schedule.eps, generator, device)  # (K, B)
+        real = None if pad_id is None else x0 != pad_id  # (B, L): padded framing; packed rows are all real
+        # (K, B) stratified times; an exact objective needs none: one pass.
+        times = [None] if exact else stratified_times(x0.shape[0], num_t, objective.schedule.eps, generator, device)
         per_t = []
         for t in times:
-            noise = torch.rand(x0.shape, generator=generator).to(device)  # (B, L), drawn on CPU for determinism
+            # (B, L), drawn on CPU for determinism
+            noise = None if t is None else torch.rand(x0.shape, generator=generator).to(device)
             with autocast or contextlib.nullcontext():
-                terms = objective(model, x0, t=t, uniform_noise=noise)
+                terms = objective(model, x0, t=t, uniform_noise=noise, attention_mask=real)
             per_t.append(terms.sequence_loss.double())
         sequence_losses.append(torch.stack(per_t).mean(0).cpu())
         token_counts.append(terms.tokens_per_sequence.double().cpu())

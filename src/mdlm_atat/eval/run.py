@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from mdlm_atat.config import Config, from_dict
+from mdlm_atat.config import Config, ConfigError, from_dict
 from mdlm_atat.data.loader import eval_batches
 from mdlm_atat.data.store import prepare_split
 from mdlm_atat.data.tokenizers import Tokenizer
@@ -52,12 +52,66 @@ def evaluate_checkpoint(
     """The NELBO bound (DESIGN 3.5) of a checkpoint on one dataset split, as a JSON-ready dict."""
     path = resolve_checkpoint(checkpoint)
     torch_device = resolve_device(device)
-    model, cfg, tokenizer, meta = load_for_inference(path, use_ema=use_ema, device=torch_device)
+    loaded = load_for_inference(path, use_ema=use_ema, device=torch_device)
+    return _evaluate_loaded(loaded, path, torch_device, dataset, split, num_t, batch_size, max_batches, seed)
+
+
+def split_dataset_entry(entry: str) -> tuple[str, str | None]:
+    """`NAME` or `NAME:SPLIT` (e.g. stdlib-docs:test); a path that exists is taken whole, colon or not."""
+    if ":" in entry and not Path(entry).expanduser().exists():
+        name, split = entry.rsplit(":", 1)
+        return name, split or None
+    return entry, None
+
+
+def evaluate_datasets(
+    checkpoint: str | Path,
+    datasets: list[str],
+    split: str | None = None,
+    num_t: int | None = None,
+    batch_size: int | None = None,
+    max_batches: int = 0,
+    seed: int = 0,
+    use_ema: bool = True,
+    device: str = "auto",
+) -> dict[str, dict[str, Any]]:
+    """`evaluate_checkpoint` on several datasets with one load of the model: {entry: result}, in the given order.
+
+    An entry is `NAME` (scored on `split`, default the config's data.val_split) or `NAME:SPLIT`."""
+    if not datasets:
+        raise ConfigError("--datasets: name at least one dataset, e.g. --datasets stdlib-docs,../shared/corpora/brown.jsonl")
+    if len(set(datasets)) != len(datasets):
+        raise ConfigError(f"--datasets: {','.join(datasets)} names a dataset twice")
+    path = resolve_checkpoint(checkpoint)
+    torch_device = resolve_device(device)
+    loaded = load_for_inference(path, use_ema=use_ema, device=torch_device)
+    results = {}
+    for entry in datasets:
+        name, entry_split = split_dataset_entry(entry)
+        results[entry] = _evaluate_loaded(
+            loaded, path, torch_device, name, entry_split or split, num_t, batch_size, max_batches, seed
+        )
+    return results
+
+
+def _evaluate_loaded(
+    loaded: tuple[torch.nn.Module, Config, Tokenizer, dict[str, Any]],
+    path: Path,
+    torch_device: torch.device,
+    dataset: str | None,
+    split: str | None,
+    num_t: int | None,
+    batch_size: int | None,
+    max_batches: int,
+    seed: int,
+) -> dict[str, Any]:
+    model, cfg, tokenizer, meta = loaded
     data_cfg = cfg.data if dataset is None else dataclasses.replace(cfg.data, dataset_name=dataset)
     split = split or data_cfg.val_split
     store = prepare_split(data_cfg, tokenizer, split)
     batch_size = batch_size or data_cfg.batch_size
     num_t = num_t or cfg.diffusion.eval_num_t
+    is_ar = cfg.model.name == "ar"
     result = evaluate_bound(
         model,
         make_objective(cfg, tokenizer),
@@ -66,6 +120,7 @@ def evaluate_checkpoint(
         seed=seed,
         device=torch_device,
         autocast=autocast_for(torch_device, cfg.training.mixed_precision),
+        pad_id=tokenizer.pad_id if data_cfg.framing == "padded" else None,
     )
     L = data_cfg.max_length
     return {
@@ -77,7 +132,16 @@ def evaluate_checkpoint(
         "dataset": data_cfg.dataset_name,
         "split": split,
         "tokenizer": tokenizer.name,
-        "framing": f"packed: documents + EOS concatenated, cut into {L - 2}-token blocks framed [BOS] ... [EOS] (L = {L})",
+        "framing": (
+            f"packed: documents + EOS concatenated, cut into {L - 2}-token blocks framed [BOS] ... [EOS] (L = {L})"
+            if data_cfg.framing == "packed"
+            else f"{data_cfg.framing}: one document per row, [BOS] document [EOS] then PAD to L = {L}"
+        ),
         "precision": precision_name(torch_device, cfg.training.mixed_precision),
-        "objective": "MDLM NELBO, uniform masking, log-linear schedule, continuous time",
+        "objective": (
+            "exact NLL: autoregressive next-token loss, causal DiT; each block's first token (BOS) is context, "
+            "the other L - 1 are counted"
+            if is_ar
+            else "MDLM NELBO, uniform masking, log-linear schedule, continuous time"
+        ),
     }
