@@ -147,7 +147,8 @@ def _add_sample(subparsers) -> None:
         "--infill",
         metavar="TEMPLATE",
         help="text with gaps to fill: [MASK] is one token, [MASK:N] is N tokens, e.g. "
-        "'The [MASK:8] said on Friday that [MASK:16].'; the text around the gaps is kept exactly",
+        "'The[MASK:8] said on Friday that[MASK:16].'; the text around the gaps is kept exactly (with a GPT-2-style "
+        "BPE, leave the space before a gap to the gap: its first token usually carries it)",
     )
     p.add_argument("--output", type=Path, help="write the samples to FILE.txt or FILE.jsonl (with token ids)")
     p.add_argument("--trace", type=Path, help="write the denoising trajectory of the first samples as an HTML page")
@@ -205,8 +206,10 @@ def run_train(args: argparse.Namespace) -> int:
     if summary["first_loss"] is not None:
         lines.append(f"train loss {summary['first_loss']:.4f} (first log) -> {summary['last_loss']:.4f} (last log)")
     if val is not None:
+        # The AR baseline's validation number is its exact NLL, not a bound.
+        name, relation = ("NLL", "=") if cfg.model.name == "ar" else ("NELBO", "<=")
         lines.append(
-            f"validation NELBO {val['nelbo']:.4f} +- {val['stderr']:.4f} nats/token, PPL <= {val['ppl']:.2f} "
+            f"validation {name} {val['nelbo']:.4f} +- {val['stderr']:.4f} nats/token, PPL {relation} {val['ppl']:.2f} "
             f"({val['num_tokens']} tokens, EMA weights)"
         )
     print("\n".join(lines))
