@@ -196,3 +196,17 @@ def test_hf_reference_without_transformers_is_a_clear_error():
             HFReference("gpt2")
     else:
         pytest.skip("transformers is installed")
+
+
+def test_sample_help_describes_every_flag(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["sample", "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--checkpoint", "--sampler", "--steps", "--num-samples", "--batch-size", "--seed", "--length",
+                 "--stride", "--prefix", "--infill", "--output", "--trace", "--reference", "--no-ema", "--device",
+                 "ancestral-cache", "confidence", "semi-ar"):
+        assert flag in out
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    assert "--datasets" in capsys.readouterr().out
