@@ -69,8 +69,9 @@ class Tokenizer:
         return self._tk.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        """HF's batch encoder, in parallel over its own (Rust, GIL-free) thread pool. The `_fast` variant skips
-        the character offsets we never use: 1.49M vs 1.03M GPT-2 tokens/s on 2 cores (benchmarks/)."""
+        """HF's batch encoder, in parallel over its own (Rust) thread pool; the `_fast` variant skips the character
+        offsets we never use (docs/benchmarks.md, "Tokenization (CPU)": faster than `encode_batch` and than a
+        process pool on 2 cores)."""
         return [e.ids for e in self._tk.encode_batch_fast(list(texts), add_special_tokens=False)]
 
     def with_padding(self) -> Tokenizer:
