@@ -37,6 +37,7 @@ CPU smoke test (seconds):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime
 import gc
@@ -99,6 +100,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"device peak FLOP/s for MFU; default {H100_BF16_DENSE_FLOPS:.0e} (H100 bf16) on CUDA, none on CPU",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--full-logits",
+        action="store_true",
+        help="project every position to the vocabulary (the plain path); default: only the masked rows, as training",
+    )
+    p.add_argument(
+        "--sdpa",
+        choices=("default", "cudnn", "flash", "efficient", "math"),
+        default="default",
+        help="restrict scaled_dot_product_attention to one backend (default: PyTorch's choice)",
+    )
     p.add_argument("--output", type=Path, help="write the results as JSON here")
     args = p.parse_args(argv)
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -324,6 +336,17 @@ def run_variant(
     return result
 
 
+def sdpa_backend(name: str):
+    """A context restricting SDPA to one backend, or nothing for PyTorch's own choice."""
+    if name == "default":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+               "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[name]
+    return sdpa_kernel([backend])
+
+
 def fmt(value: float | None, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
@@ -353,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg, size_label = model_config(args)
     device = resolve_device(args.device)
     num_tokens = args.vocab_size + 1  # MASK is the last id
-    objective = MaskedDiffusionObjective(LogLinearSchedule(1e-3), mask_id=args.vocab_size)
+    objective = MaskedDiffusionObjective(LogLinearSchedule(1e-3), mask_id=args.vocab_size, rows_only=not args.full_logits)
 
     torch.manual_seed(args.seed)
     reference = DiT(cfg, num_tokens)  # built on CPU once, so every variant starts from the same weights
@@ -371,11 +394,14 @@ def main(argv: list[str] | None = None) -> int:
         f"{precision_name(device, 'bf16')} on {device} ({device_name}), torch {torch.__version__}"
     )
     print(f"FLOP per token = {FLOPS_FORMULA} = {flops / 1e9:.3f} GFLOP")
+    print(f"logits: {'every position' if args.full_logits else 'masked rows only'}; SDPA backend: {args.sdpa}")
 
     results = []
     for variant in args.variants:
         print(f"[{variant}] running ...", flush=True)
-        results.append(run_variant(variant, reference, cfg, objective, batches, args, device))
+        with sdpa_backend(args.sdpa):
+            results.append(run_variant(variant, reference, cfg, objective, batches, args, device))
+        results[-1].update(sdpa=args.sdpa, full_logits=args.full_logits)
         r = results[-1]
         print(f"[{variant}] loss on the first batch (eval mode): {r['loss_first_batch']:.6f}", flush=True)
 

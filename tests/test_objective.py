@@ -149,3 +149,19 @@ def test_eval_does_not_touch_global_rng():
     state = torch.get_rng_state()
     evaluate_bound(model, objective, batches, num_t=2)
     assert torch.equal(state, torch.get_rng_state())
+
+
+def test_rows_only_projection_matches_full_logits():
+    """The DiT projecting only the masked rows gives the loss of the full (B, L, V) logits."""
+    V = 40
+    torch.manual_seed(0)
+    model = tiny_dit(V + 1)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    x0 = torch.randint(0, V, (4, 24))
+    t = torch.tensor([0.1, 0.4, 0.7, 1.0])
+    noise = torch.rand(4, 24)
+    full = MaskedDiffusionObjective(LogLinearSchedule(EPS), mask_id=V)(model, x0, t=t, uniform_noise=noise)
+    rows = MaskedDiffusionObjective(LogLinearSchedule(EPS), mask_id=V, rows_only=True)(model, x0, t=t, uniform_noise=noise)
+    torch.testing.assert_close(rows.token_loss, full.token_loss, rtol=1e-5, atol=1e-6)
+    assert rows.num_masked == full.num_masked

@@ -45,14 +45,14 @@ class NelboTerms:
 def masked_token_nll(logits: torch.Tensor, x0: torch.Tensor, masked: torch.Tensor, mask_id: int) -> torch.Tensor:
     """-log p_theta(x0_i | x_t) under SUBS at masked positions, 0 elsewhere.
 
-    logits (B, L, V) in any dtype, x0 (B, L) long, masked (B, L) bool -> (B, L) float32.
-    The log-sum-exp runs in float32 over the masked rows only (M, V): a bf16 log-softmax over 50k classes
-    loses about 2 decimal digits.
+    logits (B, L, V) in any dtype, or (M, V) already restricted to the masked positions (in row-major order);
+    x0 (B, L) long, masked (B, L) bool -> (B, L) float32. The log-sum-exp runs in float32 over the masked rows
+    only: a bf16 log-softmax over 50k classes loses about 2 decimal digits.
     """
-    rows = logits[masked].float()  # (M, V)
-    is_mask_column = torch.zeros(rows.shape[-1], dtype=torch.bool, device=rows.device)
-    is_mask_column[mask_id] = True
-    rows = rows.masked_fill(is_mask_column, float("-inf"))  # SUBS: MASK is never predicted
+    rows = (logits if logits.dim() == 2 else logits[masked]).float()  # (M, V)
+    if rows.data_ptr() == logits.data_ptr():  # already float32 and restricted: do not write into the caller's
+        rows = rows.clone()
+    rows[:, mask_id] = float("-inf")  # SUBS: MASK is never predicted (in place on our float32 copy)
     target = x0[masked]  # (M,)
     nll = torch.logsumexp(rows, dim=-1) - rows.gather(-1, target[:, None]).squeeze(-1)  # (M,)
     out = torch.zeros(x0.shape, dtype=torch.float32, device=x0.device)
@@ -62,10 +62,11 @@ def masked_token_nll(logits: torch.Tensor, x0: torch.Tensor, masked: torch.Tenso
 class MaskedDiffusionObjective:
     """Uniform (MDLM) masking and the continuous-time NELBO in nats per token."""
 
-    def __init__(self, schedule: LogLinearSchedule, mask_id: int, antithetic: bool = True):
+    def __init__(self, schedule: LogLinearSchedule, mask_id: int, antithetic: bool = True, rows_only: bool = False):
         self.schedule = schedule
         self.mask_id = mask_id
         self.antithetic = antithetic
+        self.rows_only = rows_only  # call model(x_t, noise, rows=masked): the DiT supports it, test fakes need not
 
     def sample_t(self, num: int, device: torch.device | str, generator: torch.Generator | None = None):
         return self.schedule.sample_t(num, device=device, antithetic=self.antithetic, generator=generator)
@@ -114,7 +115,9 @@ class MaskedDiffusionObjective:
         if t is None:
             t = self.sample_t(x0.shape[0], x0.device, generator)
         x_t, masked = self.corrupt(x0, t, attention_mask, generator, uniform_noise, mask_probs)
-        logits = model(x_t, self.schedule.total_noise(t))  # (B, L, V)
+        # Only masked positions carry loss (SUBS): a denoiser that can, projects those rows alone (M, V).
+        noise = self.schedule.total_noise(t)
+        logits = model(x_t, noise, rows=masked) if self.rows_only else model(x_t, noise)  # (M, V) or (B, L, V)
         weight = self.schedule.loss_weight(t)[:, None]  # (B, 1)
         if mask_probs is not None and correction:
             weight = weight * self.schedule.mask_prob(t)[:, None] / mask_probs.detach()  # (B, L)

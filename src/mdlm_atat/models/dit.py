@@ -205,9 +205,12 @@ class FinalLayer(nn.Module):
             nn.init.zeros_(linear.weight)
             nn.init.zeros_(linear.bias)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(c)[:, None].chunk(2, dim=-1)  # each (B, 1, D)
-        return self.linear(modulate(self.norm_final(x), shift, scale))  # (B, L, num_tokens)
+        h = modulate(self.norm_final(x), shift, scale)  # (B, L, D)
+        if rows is not None:
+            h = h[rows]  # (M, D): project only the positions asked for
+        return self.linear(h)  # (B, L, num_tokens), or (M, num_tokens) with rows
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -255,7 +258,12 @@ class DiT(nn.Module):
             if isinstance(module, (DiTBlock, FinalLayer)):
                 module.reset_parameters()
 
-    def forward(self, x_t: torch.Tensor, noise_level: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_t: torch.Tensor, noise_level: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, L, num_tokens); with `rows` (B, L) bool, only those positions': (M, num_tokens).
+
+        Under SUBS only masked positions carry loss, so the objective asks for those rows alone: the output
+        projection (a third of small's matmul FLOPs) and its (B, L, V) logits shrink to the masked fraction.
+        """
         if not self.time_conditioning:
             noise_level = torch.zeros_like(noise_level)
         x = self.vocab_embed(x_t)  # (B, L, D)
@@ -263,4 +271,4 @@ class DiT(nn.Module):
         cos, sin = rotary_cos_sin(x_t.shape[1], self.head_dim, device=x_t.device)  # each (L, hd)
         for block in self.blocks:
             x = block(x, cos, sin, c)
-        return self.output_layer(x, c)  # (B, L, num_tokens), in the autocast dtype if any
+        return self.output_layer(x, c, rows)  # (B, L, num_tokens) or (M, num_tokens), in the autocast dtype

@@ -56,7 +56,8 @@ def make_objective(cfg: Config, tokenizer: Tokenizer) -> MaskedDiffusionObjectiv
         from mdlm_atat.models.ar import NextTokenObjective
 
         return NextTokenObjective(tokenizer.mask_id)
-    return MaskedDiffusionObjective(LogLinearSchedule(cfg.diffusion.eps), tokenizer.mask_id, cfg.diffusion.antithetic)
+    schedule = LogLinearSchedule(cfg.diffusion.eps)
+    return MaskedDiffusionObjective(schedule, tokenizer.mask_id, cfg.diffusion.antithetic, rows_only=True)
 
 
 def build_estimator(cfg: Config, num_tokens: int, unigram_counts) -> ImportanceEstimator | None:
