@@ -94,3 +94,12 @@ def test_hash_is_stable_and_sensitive():
     a, b = load_config(None), load_config(None)
     assert a.hash() == b.hash()
     assert a.hash() != load_config(None, ["training.seed=1"]).hash()
+
+
+def test_a_preset_on_the_command_line_replaces_what_the_file_spells_out():
+    cfg = load_config(CONFIG_DIR / "openwebtext.yaml", ["model.size=tiny"])
+    assert (cfg.model.hidden_dim, cfg.model.num_layers, cfg.model.num_heads) == (512, 8, 8)
+    cfg = load_config(CONFIG_DIR / "openwebtext.yaml", ["curriculum.variant=late"])
+    assert (cfg.curriculum.stage_1_end, cfg.curriculum.stage_2_end) == (0.35, 0.8)
+    with pytest.raises(ConfigError, match="^model.hidden_dim"):  # both on the command line: a real conflict
+        load_config(CONFIG_DIR / "openwebtext.yaml", ["model.size=tiny", "model.hidden_dim=256"])

@@ -91,10 +91,14 @@ class TrainingConfig:
     eval_every_n_steps: int = 5_000
     eval_batches: int = 50  # validation batches per evaluation; 0 = the whole split
     save_every_n_steps: int = 10_000
+    max_nonfinite_steps: int = 10  # NaN/inf loss or gradients: skip the update; stop after this many in a row
     mixed_precision: str = "bf16"  # bf16 | fp32; bf16 applies on CUDA only, CPU runs in fp32
     seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    device: str = "auto"  # auto | cpu | cuda | cuda:N; under torchrun auto/cuda is cuda:LOCAL_RANK
     compile: bool = False
+    # Data parallelism under torchrun (train/distributed.py): auto (ddp with several processes) | ddp | fsdp
+    # (FSDP2) | none. One process never wraps the model, whatever this says.
+    strategy: str = "auto"
 
 
 @dataclass
@@ -138,6 +142,7 @@ class LoggingConfig:
     wandb_project: str | None = None
     wandb_entity: str | None = None
     save_logs_dir: str = "runs"  # parent folder of run folders when --log-dir is not given
+    tensorboard: bool = True  # event files in <run>/tensorboard when the tensorboard package is installed
 
 
 @dataclass
@@ -173,6 +178,12 @@ def _allowed_types(annotation: Any) -> tuple[type, ...]:
     return (annotation,)
 
 
+def _name(key: Any) -> str:
+    """A key as an error message shows it: as written, or quoted when it holds newlines or other unprintables."""
+    text = str(key)
+    return text if text.isprintable() else repr(text)
+
+
 def _check_type(key: str, value: Any, annotation: Any) -> Any:
     allowed = _allowed_types(annotation)
     if value is None:
@@ -184,6 +195,8 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
         if bool in allowed:
             return value
     elif float in allowed and isinstance(value, (int, float)):
+        if not math.isfinite(value):  # 1e999 and .nan are YAML floats, never meaningful settings
+            raise ConfigError(f"{key}: must be a finite number, got {value!r}")
         return float(value)
     elif int in allowed and isinstance(value, int):
         return value
@@ -200,10 +213,10 @@ def _build_section(cls: type, raw: Any, prefix: str) -> Any:
         raise ConfigError(f"{prefix}: expected a mapping of keys, got {raw!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)  # resolves the string annotations of `from __future__ import annotations`
-    unknown = sorted(set(raw) - set(fields))
+    unknown = sorted(set(raw) - set(fields), key=str)  # YAML keys may be numbers, booleans or null
     if unknown:
         raise ConfigError(
-            f"{prefix}.{unknown[0]}: unknown key; valid keys in '{prefix}' are: {', '.join(fields)}"
+            f"{prefix}.{_name(unknown[0])}: unknown key; valid keys in '{prefix}' are: {', '.join(fields)}"
         )
     kwargs = {name: _check_type(f"{prefix}.{name}", value, hints[name]) for name, value in raw.items()}
     return cls(**kwargs)
@@ -250,9 +263,9 @@ def from_dict(raw: dict[str, Any]) -> Config:
     if not isinstance(raw, dict):
         raise ConfigError(f"config: expected a mapping of sections, got {type(raw).__name__}")
     sections = {f.name: f for f in dataclasses.fields(Config)}
-    unknown = sorted(set(raw) - set(sections))
+    unknown = sorted(set(raw) - set(sections), key=str)
     if unknown:
-        raise ConfigError(f"{unknown[0]}: unknown section; valid sections are: {', '.join(sections)}")
+        raise ConfigError(f"{_name(unknown[0])}: unknown section; valid sections are: {', '.join(sections)}")
     built = {}
     for name, f in sections.items():
         section_cls = f.default_factory().__class__  # type: ignore[misc]
@@ -276,22 +289,37 @@ def _parse_value(text: str) -> Any:
     return value
 
 
+# A preset key set on the command line replaces the keys it determines in the file below it: `model.size=tiny`
+# on a config that spells out 768 x 12 means tiny, not a conflict. Keys given on the command line too still win.
+PRESET_KEYS: dict[tuple[str, str], tuple[str, ...]] = {
+    ("model", "size"): ("hidden_dim", "num_layers", "num_heads"),
+    ("curriculum", "variant"): ("stage_1_end", "stage_2_end"),
+}
+
+
+def _split_override(item: str) -> tuple[str, str, str]:
+    if "=" not in item:
+        raise ConfigError(f"{item}: overrides are written section.key=value, e.g. training.learning_rate=1e-4")
+    key, text = item.split("=", 1)
+    parts = key.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"{key}: overrides name one key inside a section, e.g. model.hidden_dim=256")
+    return parts[0], parts[1], text
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply `section.key=value` overrides to a raw config dict (returns a new dict)."""
     out = {k: dict(v) if isinstance(v, dict) else v for k, v in (raw or {}).items()}
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"{item}: overrides are written section.key=value, e.g. training.learning_rate=1e-4")
-        key, text = item.split("=", 1)
-        parts = key.strip().split(".")
-        if len(parts) != 2 or not all(parts):
-            raise ConfigError(f"{key}: overrides name one key inside a section, e.g. model.hidden_dim=256")
-        section, name = parts
+    parsed = [_split_override(item) for item in overrides]
+    given = {(section, name) for section, name, _ in parsed}
+    for section, name, text in parsed:
         if not isinstance(out.get(section, {}), dict):
             raise ConfigError(f"{section}: expected a mapping of keys, got {out[section]!r}")
-        out.setdefault(section, {})
-        if out[section] is None:
+        if out.get(section) is None:
             out[section] = {}
+        for determined in PRESET_KEYS.get((section, name), ()):
+            if (section, determined) not in given:
+                out[section].pop(determined, None)
         out[section][name] = _parse_value(text)
     return out
 
@@ -375,7 +403,11 @@ def validate(cfg: Config) -> None:
         value = getattr(t, key)
         _require(value >= 1, f"training.{key}", f"must be >= 1, got {value}")
     _require(t.eval_batches >= 0, "training.eval_batches", f"must be >= 0 (0 = whole split), got {t.eval_batches}")
+    _require(
+        t.max_nonfinite_steps >= 1, "training.max_nonfinite_steps", f"must be >= 1, got {t.max_nonfinite_steps}"
+    )
     _one_of(t.mixed_precision, "training.mixed_precision", ("bf16", "fp32"))
+    _one_of(t.strategy, "training.strategy", ("auto", "ddp", "fsdp", "none"))
     _require(
         t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"),
         "training.device",
