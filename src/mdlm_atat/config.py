@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,7 +21,10 @@ import yaml
 
 
 class ConfigError(ValueError):
-    """A bad config value; the message names the key and the fix."""
+    """A bad config value; the message names the key and the fix, on one line (whatever the input held)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(str(message).splitlines()))
 
 
 # Denoiser presets (DESIGN 3.1, issue 2): hidden width, blocks, heads.
@@ -278,8 +283,11 @@ def from_dict(raw: dict[str, Any]) -> Config:
 
 
 def _parse_value(text: str) -> Any:
-    """`key=value` values are YAML scalars: 1e-4, true, null, 'text'."""
-    value = yaml.safe_load(text)
+    """`key=value` values are YAML scalars: 1e-4, true, null, 'text'; text that is not YAML is taken as written."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:  # "[1", "@x": the key's type check then names the key
+        return text
     # YAML 1.1 reads "1e-4" as a string (no dot); users mean a number.
     if isinstance(value, str):
         try:
@@ -309,6 +317,8 @@ def _split_override(item: str) -> tuple[str, str, str]:
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply `section.key=value` overrides to a raw config dict (returns a new dict)."""
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(f"config: expected a mapping of sections, got {type(raw).__name__}")
     out = {k: dict(v) if isinstance(v, dict) else v for k, v in (raw or {}).items()}
     parsed = [_split_override(item) for item in overrides]
     given = {(section, name) for section, name, _ in parsed}
@@ -332,9 +342,14 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not path.is_file():
             raise ConfigError(f"--config {path}: file not found; the shipped configs are in configs/atat/")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"--config {path}: not UTF-8 text (byte {err.start}); save it as UTF-8") from None
         except yaml.YAMLError as err:
-            raise ConfigError(f"--config {path}: not valid YAML ({err})") from None
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(err, "problem", None) or str(err)
+            raise ConfigError(f"--config {path}: not valid YAML{where} ({problem})") from None
     return from_dict(apply_overrides(raw, overrides or []))
 
 
