@@ -178,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from mdlm_atat.train.distributed import is_main_process, rank0_value
     from mdlm_atat.train.trainer import train
 
     run_dir = args.log_dir
@@ -199,8 +200,13 @@ def run_train(args: argparse.Namespace) -> int:
         if args.config is None:
             raise ConfigError("--config: required to start a run, e.g. atat train --config configs/atat/quickstart.yaml")
         cfg = load_config(args.config, args.overrides)
-        run_dir = run_dir or Path(cfg.logging.save_logs_dir) / f"{args.config.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+        # Under torchrun every process must name the same folder: rank 0's clock decides.
+        run_dir = run_dir or rank0_value(
+            Path(cfg.logging.save_logs_dir) / f"{args.config.stem}-{time.strftime('%Y%m%d-%H%M%S')}", cfg.training.device
+        )
         summary = train(cfg, run_dir, resume=False, max_steps=args.max_steps)
+    if not is_main_process():  # under torchrun, rank 0 reports
+        return 0
     val = summary["val"]
     lines = [f"done: step {summary['step']}, run folder {summary['run_dir']}"]
     if summary["first_loss"] is not None:

@@ -30,9 +30,12 @@ class AtatStep:
 
 
 class AtatTraining:
-    def __init__(self, cfg: Config, estimator: ImportanceEstimator):
+    def __init__(self, cfg: Config, estimator: ImportanceEstimator, forward: torch.nn.Module | None = None):
+        """`forward` is what the step calls in place of `estimator` (a compiled or DDP-wrapped one); `estimator`
+        stays the plain module, whose attributes the step reads."""
         self.cfg = cfg.atat
         self.estimator = estimator
+        self.forward = estimator if forward is None else forward
         self.curriculum = Curriculum(cfg.curriculum, cfg.atat, cfg.training.total_steps)
 
     def __call__(
@@ -44,9 +47,12 @@ class AtatTraining:
         step: int,
         attention_mask: torch.Tensor | None = None,
         with_stats: bool = False,
+        uniform_noise: torch.Tensor | None = None,
     ) -> AtatStep:
+        """`uniform_noise` (B, L): the masks' draws, as the objective takes them (the trainer passes the global
+        batch's rows, train/distributed.py)."""
         state = self.curriculum.state(step)
-        importance_logits = self.estimator(x0, t)  # (B, L)
+        importance_logits = self.forward(x0, t)  # (B, L)
         s = torch.sigmoid(importance_logits.detach())  # (B, L), stop-gradient into the masks and weights
         mask_probs = None
         if state.beta != 0.0:
@@ -54,7 +60,8 @@ class AtatTraining:
             rate = objective.schedule.mask_prob(t)
             mask_probs = tilted_mask_probs(rate, z, state.beta, self.cfg.masking == "balanced", attention_mask)
         terms = objective(
-            model, x0, t=t, attention_mask=attention_mask, mask_probs=mask_probs, correction=self.cfg.correction
+            model, x0, t=t, attention_mask=attention_mask, uniform_noise=uniform_noise, mask_probs=mask_probs,
+            correction=self.cfg.correction,
         )
         if self.estimator.learned:
             target = rank_percentile(terms.token_nll.detach(), terms.masked)

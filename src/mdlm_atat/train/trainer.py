@@ -32,7 +32,8 @@ from mdlm_atat.eval.likelihood import BoundResult, evaluate_bound
 from mdlm_atat.models import build_model, count_parameters
 from mdlm_atat.models.importance import ImportanceEstimator, unigram_surprisal
 from mdlm_atat.pipeline import build_run_data
-from mdlm_atat.runtime import autocast_for, precision_name, resolve_device
+from mdlm_atat.runtime import autocast_for, precision_name
+from mdlm_atat.train import distributed
 from mdlm_atat.train.checkpoint import CheckpointError, RunDirError, checkpoint_dir, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from mdlm_atat.train.metrics import MetricsLog
 from mdlm_atat.train.optim import build_ema, build_optimizer, build_scheduler
@@ -72,9 +73,22 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, max_steps: int | Non
     """Train from scratch into `run_dir`, or continue the run saved there. Returns a summary of the run.
 
     `max_steps` stops this invocation at that global step without changing the LR schedule or the curriculum,
-    which follow `training.total_steps`.
+    which follow `training.total_steps`. Under torchrun every process calls this: it joins the process group,
+    trains its share of each global batch and leaves the group (train/distributed.py, docs/distributed.md).
     """
-    run_dir = Path(run_dir)
+    dist_env = distributed.init_distributed(cfg.training.device)
+    finished = False
+    try:
+        summary = _train(cfg, Path(run_dir), resume, max_steps, dist_env)
+        finished = True
+        return summary
+    finally:
+        distributed.destroy_distributed(synchronize=finished)
+
+
+def _train(
+    cfg: Config, run_dir: Path, resume: bool, max_steps: int | None, dist_env: distributed.DistEnv
+) -> dict[str, Any]:
     last_path = checkpoint_dir(run_dir) / "last.pt"
     payload = None
     if resume:
@@ -88,51 +102,59 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, max_steps: int | Non
         )
     run_dir.mkdir(parents=True, exist_ok=True)
     tc = cfg.training
-    seed_everything(tc.seed)
-    device = resolve_device(tc.device)
+    seed_everything(tc.seed)  # the same seed on every rank: the modules are built equal
+    device = dist_env.device
     autocast = autocast_for(device, tc.mixed_precision)
 
-    data = build_run_data(cfg.data, tokenizer=Tokenizer.from_json(payload["tokenizer"]) if payload else None)
+    saved_tokenizer = Tokenizer.from_json(payload["tokenizer"]) if payload else None
+    # Rank 0 fills the tokenizer / token-store cache first; the others then reuse it.
+    data = distributed.rank0_first(dist_env, lambda: build_run_data(cfg.data, tokenizer=saved_tokenizer))
     _check_vocab(cfg, data.tokenizer)
-    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    if dist_env.is_main:
+        (run_dir / "config.yaml").write_text(cfg.to_yaml())
 
     model = build_model(cfg.model, data.tokenizer.num_tokens).to(device)
-    # Compiled for the training forward only; checkpoints and the EMA hold the plain module (no `_orig_mod.`).
-    forward_model = torch.compile(model) if tc.compile else model
     objective = make_objective(cfg, data.tokenizer)
     estimator = build_estimator(cfg, data.tokenizer.num_tokens, data.train.unigram_counts)
-    atat = None
-    extra_groups = []
     if estimator is not None:
         estimator.to(device)
-        atat = AtatTraining(cfg, torch.compile(estimator) if tc.compile else estimator)
-        if estimator.learned:  # its own group and LR; no weight decay
-            extra_groups.append(
-                {"params": list(estimator.parameters()), "lr": cfg.atat.estimator_learning_rate, "weight_decay": 0.0}
-            )
-    optimizer = build_optimizer(model, tc, device, extra_groups)
-    scheduler = build_scheduler(optimizer, tc)
     ema = build_ema(model, tc.ema_decay)
     state = TrainState()
-    if payload is not None:
+    if payload is not None:  # consolidated weights, loaded into the plain modules before sharding: any world size
         model.load_state_dict(payload["model"])
         if estimator is not None:
             estimator.load_state_dict(payload["estimator"])
         if ema is not None:
             ema.module.load_state_dict(payload["ema"])
             ema.n_averaged.fill_(payload["ema_num_updates"])
-        optimizer.load_state_dict(payload["optimizer"])
-        scheduler.load_state_dict(payload["scheduler"])
         state = TrainState(**payload["state"])
         set_rng_state(payload["rng"])
+    # compile, then DDP / FSDP2 (train/distributed.py). `model` and `estimator` stay the modules whose state is
+    # saved (no `_orig_mod.`, no `module.`); `parallel.model` and `parallel.estimator` are what the step calls.
+    parallel = distributed.parallelize(model, estimator, ema.module if ema is not None else None, tc, dist_env)
+    atat = None
+    extra_groups = []
+    if estimator is not None:
+        atat = AtatTraining(cfg, estimator, forward=parallel.estimator)
+        if estimator.learned:  # its own group and LR; no weight decay
+            extra_groups.append(
+                {"params": list(estimator.parameters()), "lr": cfg.atat.estimator_learning_rate, "weight_decay": 0.0}
+            )
+    optimizer = build_optimizer(model, tc, device, extra_groups)  # after sharding: FSDP2 replaces the parameters
+    scheduler = build_scheduler(optimizer, tc)
+    if payload is not None:
+        distributed.load_full_optimizer_state_dict(optimizer, payload["optimizer"])
+        scheduler.load_state_dict(payload["scheduler"])
 
     end_step = tc.total_steps if max_steps is None else min(max_steps, tc.total_steps)
     batch_size, accum = cfg.data.batch_size, tc.gradient_accumulation_steps
-    tokens_per_step = batch_size * accum * cfg.data.max_length
-    batches = train_batches(
-        data.train_blocks, batch_size, seed=tc.seed, start_sample=state.samples_seen, num_workers=cfg.data.num_workers
+    global_batch = batch_size * dist_env.world_size * accum  # sequences per optimiser step, all ranks together
+    tokens_per_step = global_batch * cfg.data.max_length
+    batches = train_batches(  # this rank's disjoint share of each global batch
+        data.train_blocks, batch_size, seed=tc.seed, start_sample=state.samples_seen, rank=dist_env.rank,
+        world_size=dist_env.world_size, num_workers=cfg.data.num_workers,
     )
-    metrics = MetricsLog(run_dir / "metrics.jsonl")
+    metrics = MetricsLog(run_dir / "metrics.jsonl") if dist_env.is_main else distributed.SilentLog()
     metrics.write(
         {
             "event": "start" if payload is None else "resume",
@@ -145,6 +167,11 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, max_steps: int | Non
             "vocab_size": data.tokenizer.vocab_size,
             "train_blocks": len(data.train_blocks),
             "val_blocks": len(data.val_blocks),
+            "world_size": dist_env.world_size,
+            "strategy": parallel.strategy,
+            "batch_size_per_device": batch_size,
+            "gradient_accumulation_steps": accum,
+            "global_batch_size": global_batch,
             "tokens_per_step": tokens_per_step,
             "run_dir": str(run_dir),
         }
@@ -156,56 +183,69 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, max_steps: int | Non
             "config": cfg.to_dict(),
             "config_hash": cfg.hash(),
             "state": asdict(state),
-            "model": model.state_dict(),
+            "world_size": dist_env.world_size,
+            # Consolidated (full) tensors in the single-process layout: gathered from the shards under FSDP.
+            "model": distributed.full_state_dict(model, keep=dist_env.is_main),
             "estimator": estimator.state_dict() if estimator is not None else None,
             "curriculum": asdict(atat.curriculum.state(state.step)) if atat is not None else None,
-            "ema": ema.module.state_dict() if ema is not None else None,
+            "ema": distributed.full_state_dict(ema.module, keep=dist_env.is_main) if ema is not None else None,
             "ema_num_updates": int(ema.n_averaged) if ema is not None else 0,
-            "optimizer": optimizer.state_dict(),
+            "optimizer": distributed.full_optimizer_state_dict(optimizer, keep=dist_env.is_main),
             "scheduler": scheduler.state_dict(),
             "rng": rng_state(),
             "tokenizer": data.tokenizer.to_json(),
         }
 
-    def validate() -> BoundResult:
-        result = evaluate_bound(
-            ema.module if ema is not None else model,
-            objective,
-            eval_batches(data.val_blocks, batch_size, max_batches=tc.eval_batches),
-            num_t=cfg.diffusion.eval_num_t,
-            seed=tc.seed,
-            device=device,
-            autocast=autocast,
-            pad_id=data.tokenizer.pad_id if cfg.data.framing == "padded" else None,
-        )
-        improved = result.nelbo < state.best_val_nelbo
-        if improved:
-            state.best_val_nelbo = result.nelbo
-        metrics.write(
-            {
-                "event": "val",
-                "step": state.step,
-                "val_nelbo": result.nelbo,
-                "val_stderr": result.stderr,
-                "val_ppl": result.ppl,
-                "val_tokens": result.num_tokens,
-                "best": improved,
-            }
-        )
-        if estimator is not None and cfg.atat.diagnostics_batches > 0:
-            diagnostics = importance_diagnostics(
-                ema.module if ema is not None else model,
-                estimator,
+    def save(path: Path) -> None:
+        payload = checkpoint_payload()  # on every rank: the FSDP gathers are collectives
+        if dist_env.is_main:
+            save_checkpoint(path, payload)
+
+    eval_copy = distributed.EvalCopy(dist_env, lambda: build_model(cfg.model, data.tokenizer.num_tokens))
+
+    def validate() -> BoundResult | None:
+        """Rank 0 evaluates (None elsewhere); every rank learns whether best.pt is to be written."""
+        eval_model = eval_copy(ema.module if ema is not None else model)  # full weights on rank 0
+        result, improved = None, False
+        if dist_env.is_main:
+            result = evaluate_bound(
+                eval_model,
                 objective,
-                eval_batches(data.val_blocks, batch_size, max_batches=cfg.atat.diagnostics_batches),
-                data.tokenizer,
+                eval_batches(data.val_blocks, batch_size, max_batches=tc.eval_batches),
+                num_t=cfg.diffusion.eval_num_t,
                 seed=tc.seed,
                 device=device,
                 autocast=autocast,
+                pad_id=data.tokenizer.pad_id if cfg.data.framing == "padded" else None,
             )
-            metrics.write({"event": "atat_val", "step": state.step, **diagnostics})
-        if improved:
-            save_checkpoint(checkpoint_dir(run_dir) / "best.pt", checkpoint_payload())
+            improved = result.nelbo < state.best_val_nelbo
+            if improved:
+                state.best_val_nelbo = result.nelbo
+            metrics.write(
+                {
+                    "event": "val",
+                    "step": state.step,
+                    "val_nelbo": result.nelbo,
+                    "val_stderr": result.stderr,
+                    "val_ppl": result.ppl,
+                    "val_tokens": result.num_tokens,
+                    "best": improved,
+                }
+            )
+            if estimator is not None and cfg.atat.diagnostics_batches > 0:
+                diagnostics = importance_diagnostics(
+                    eval_model,
+                    estimator,
+                    objective,
+                    eval_batches(data.val_blocks, batch_size, max_batches=cfg.atat.diagnostics_batches),
+                    data.tokenizer,
+                    seed=tc.seed,
+                    device=device,
+                    autocast=autocast,
+                )
+                metrics.write({"event": "atat_val", "step": state.step, **diagnostics})
+        if distributed.rank0_flag(improved, dist_env):
+            save(checkpoint_dir(run_dir) / "best.pt")
         return result
 
     first_loss = last_loss = None
@@ -213,28 +253,42 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, max_steps: int | Non
     loss_sum = torch.zeros((), device=device)  # summed on device: no host sync inside the step
     steps_since_log = 0
     log_clock = time.perf_counter()
-    progress = tqdm(total=end_step, initial=state.step, desc="train", unit="step", dynamic_ncols=True, mininterval=1.0)
+    progress = tqdm(
+        total=end_step, initial=state.step, desc="train", unit="step", dynamic_ncols=True, mininterval=1.0,
+        disable=not dist_env.is_main,
+    )
+    draw_generator = torch.Generator(device=device)
     model.train()
     try:
         while state.step < end_step:
-            t_all = objective.sample_t(batch_size * accum, device)  # stratified over the accumulated batch
+            # t (antithetic over the whole global batch) and the masks' uniforms are functions of (seed, step):
+            # every rank draws the global batch's and takes its rows, so any world size corrupts sample k alike.
+            distributed.seed_step_dropout(tc.seed, state.step, dist_env.rank)
+            t_all, noise_all = distributed.step_draws(
+                objective, tc.seed, state.step, global_batch, cfg.data.max_length, device, draw_generator
+            )  # (global_batch,), (global_batch, L)
             log_now = (state.step + 1) % tc.log_every_n_steps == 0 or state.step == 0 or state.step + 1 == end_step
             for micro in range(accum):
                 x0 = next(batches).to(device, non_blocking=True)  # (B, L)
                 real = attention_mask(x0, data.tokenizer, cfg.data.framing)  # None when packed: all real
-                t = t_all[micro * batch_size : (micro + 1) * batch_size]
-                with autocast:
-                    if atat is None:
-                        terms = objective(forward_model, x0, t=t, attention_mask=real)
-                        loss = terms.loss
-                    else:
-                        atat_step = atat(objective, forward_model, x0, t, state.step, real, with_stats=log_now)
-                        terms = atat_step.terms
-                        loss = terms.loss + atat_step.estimator_loss  # disjoint parameters: stop-gradient
-                (loss / accum).backward()
+                rows = distributed.local_rows(micro, dist_env, batch_size)
+                t, noise = t_all[rows], noise_all[rows]  # (B,), (B, L)
+                with parallel.gradient_sync(micro == accum - 1):  # reduce gradients in the last micro-step only
+                    with autocast:
+                        if atat is None:
+                            terms = objective(parallel.model, x0, t=t, attention_mask=real, uniform_noise=noise)
+                            loss = terms.loss
+                        else:
+                            atat_step = atat(
+                                objective, parallel.model, x0, t, state.step, real, with_stats=log_now,
+                                uniform_noise=noise,
+                            )
+                            terms = atat_step.terms
+                            loss = terms.loss + atat_step.estimator_loss  # disjoint parameters: stop-gradient
+                    (loss / accum).backward()
                 loss_sum += terms.loss.detach() / accum
             max_norm = tc.grad_clip if tc.grad_clip > 0 else math.inf
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+            grad_norm = distributed.clip_grad_norm_(list(model.parameters()), max_norm)
             if estimator is not None and estimator.learned:
                 torch.nn.utils.clip_grad_norm_(estimator.parameters(), max_norm)  # its own budget
             optimizer.step()
@@ -243,12 +297,12 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, max_steps: int | Non
             if ema is not None:
                 ema.update_parameters(model)
             state.step += 1
-            state.samples_seen += batch_size * accum
+            state.samples_seen += global_batch
             steps_since_log += 1
             progress.update(1)
 
             if log_now:
-                loss = loss_sum.item() / steps_since_log
+                loss = distributed.mean_over_ranks(loss_sum, dist_env).item() / steps_since_log  # the global batch's
                 elapsed = time.perf_counter() - log_clock
                 first_loss = loss if first_loss is None else first_loss
                 last_loss = loss
@@ -261,6 +315,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, max_steps: int | Non
                         "grad_norm": float(grad_norm),
                         "tokens_seen": state.samples_seen * cfg.data.max_length,
                         "tokens_per_s": steps_since_log * tokens_per_step / elapsed,
+                        "tokens_per_s_per_device": steps_since_log * tokens_per_step / elapsed / dist_env.world_size,
                         **(_atat_record(atat_step) if atat is not None else {}),
                     }
                 )
@@ -272,7 +327,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, max_steps: int | Non
                 val_result = validate()
                 log_clock = time.perf_counter()  # evaluation time is not training throughput
             if state.step % tc.save_every_n_steps == 0 or state.step == end_step:
-                save_checkpoint(last_path, checkpoint_payload())
+                save(last_path)
     finally:
         progress.close()
         metrics.close()
