@@ -10,7 +10,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import math
 import types
 import typing
 from dataclasses import dataclass, field
