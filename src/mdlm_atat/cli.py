@@ -11,10 +11,11 @@ from pathlib import Path
 from mdlm_atat import __version__
 from mdlm_atat.config import ConfigError, apply_overrides, from_dict, load_config
 from mdlm_atat.data.sources import DataError
-from mdlm_atat.train.checkpoint import CheckpointError, RunDirError, checkpoint_dir, load_checkpoint
+from mdlm_atat.train.checkpoint import CheckpointError, RunDirError, has_checkpoint, load_resume_checkpoint
+from mdlm_atat.train.faults import NonFiniteError
 
 # Errors a user can cause: one line naming the cause and the fix, no stack trace.
-USER_ERRORS = (ConfigError, DataError, CheckpointError, RunDirError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, RunDirError, NonFiniteError)
 
 OVERRIDE_HELP = "config overrides, e.g. training.learning_rate=1e-4 model.size=tiny (section.key=value)"
 
@@ -184,13 +185,13 @@ def run_train(args: argparse.Namespace) -> int:
     run_dir = args.log_dir
     if args.resume and run_dir is None:
         raise ConfigError("--resume: name the run folder with --log-dir RUN_DIR")
-    last = checkpoint_dir(run_dir) / "last.pt" if run_dir is not None else None
-    if args.resume and (last.is_file() or args.config is None):
+    resumable = run_dir is not None and has_checkpoint(run_dir)  # last.pt, or the last.prev.pt kept beside it
+    if args.resume and (resumable or args.config is None):
         # Continue with the run's saved config (plus any overrides): the same command relaunched after a
         # pre-emption picks up where the run stopped.
-        payload = load_checkpoint(last) if last.is_file() else None
-        if payload is None:
+        if not resumable:
             raise CheckpointError(f"{run_dir}: no checkpoints/last.pt to resume from; pass --config to start it")
+        payload, _ = load_resume_checkpoint(run_dir)  # falls back to last.prev.pt when last.pt is unreadable
         if args.config is not None:
             print(f"note: continuing {run_dir} with its saved config; --config {args.config} is not read", file=sys.stderr)
         cfg = from_dict(apply_overrides(payload["config"], args.overrides))
@@ -209,6 +210,12 @@ def run_train(args: argparse.Namespace) -> int:
         return 0
     val = summary["val"]
     lines = [f"done: step {summary['step']}, run folder {summary['run_dir']}"]
+    if summary.get("stopped"):  # SIGTERM / SIGINT: the step finished and last.pt was written (train/faults.py)
+        lines = [
+            f"stopped by {summary['stopped']} at step {summary['step']}; checkpoint written: "
+            f"{Path(summary['run_dir']) / 'checkpoints' / 'last.pt'}; continue with: "
+            f"atat train --log-dir {summary['run_dir']} --resume"
+        ]
     if summary["first_loss"] is not None:
         lines.append(f"train loss {summary['first_loss']:.4f} (first log) -> {summary['last_loss']:.4f} (last log)")
     if val is not None:

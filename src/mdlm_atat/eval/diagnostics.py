@@ -4,7 +4,9 @@ On validation batches, under uniform masking (as the bound), it compares the est
 denoiser's observed per-token loss -log p(x0_i | x_t) at the masked positions: the Spearman correlation within
 each sequence (one t per sequence), averaged over sequences, next to the same figure for the unigram-surprisal
 baseline. It also reports the NELBO by token-frequency bin (rarest fifth of training tokens first) and how
-importance relates to frequency, position and token length (characters).
+importance relates to frequency, position and token length (characters). `masking_profile` records how the
+adaptive masks treat tokens of each frequency at each t under each curriculum stage's beta (plotted by
+`atat report`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Iterable
 import torch
 
 from mdlm_atat.data.tokenizers import Tokenizer
+from mdlm_atat.diffusion.masking import standardize, tilted_mask_probs
 from mdlm_atat.diffusion.objective import Denoiser, MaskedDiffusionObjective
 from mdlm_atat.models.importance import ImportanceEstimator
 
@@ -127,4 +130,65 @@ def importance_diagnostics(
         "nelbo_by_frequency_bin": [
             float(loss / count) if count > 0 else math.nan for loss, count in zip(bin_loss, bin_count)
         ],
+    }
+
+
+MASKING_PROFILE_T = tuple(round(0.05 + 0.1 * k, 2) for k in range(10))  # 0.05, 0.15, ..., 0.95
+
+
+def stage_betas(curriculum) -> dict[str, float]:
+    """The beta of each curriculum stage (diffusion/curriculum.py): easy / medium / hard, or the one fixed beta."""
+    if curriculum.uniform:
+        return {"uniform": 0.0}
+    beta = curriculum.sign * curriculum.beta0
+    if curriculum.cfg.variant == "none":
+        return {"fixed": beta}
+    return {"easy": -beta, "medium": 0.0, "hard": beta}
+
+
+@torch.no_grad()
+def masking_profile(
+    estimator: ImportanceEstimator,
+    schedule,
+    betas: dict[str, float],
+    batches: Iterable[torch.Tensor],
+    balanced: bool = False,
+    pad_id: int | None = None,
+    device: torch.device | str = "cpu",
+    t_grid: tuple[float, ...] = MASKING_PROFILE_T,
+) -> dict[str, object]:
+    """How adaptive masking (DESIGN 3.3) treats tokens of each frequency at each noise level, with the current
+    estimator: the mean masking probability p_i(t) = sigmoid(logit(rate(t)) + beta z_i) over the real tokens of
+    each frequency bin (bin 0: the rarest fifth of training tokens), at each t of `t_grid`, under each stage's beta.
+
+    {"t": [T], "rate": [T] (MDLM's), "beta": {stage: beta}, "by_stage": {stage: [T][num_bins]}}
+    """
+    was_training = estimator.training
+    estimator.eval()
+    edges = frequency_bin_edges(estimator.surprisal.cpu()).to(device)
+    T = len(t_grid)
+    sums = {stage: torch.zeros(T, NUM_FREQUENCY_BINS, dtype=torch.float64, device=device) for stage in betas}
+    counts = torch.zeros(T, NUM_FREQUENCY_BINS, dtype=torch.float64, device=device)
+    for x0 in batches:
+        x0 = x0.to(device)
+        B = x0.shape[0]
+        real = None if pad_id is None else x0 != pad_id  # (B, L)
+        bins = (NUM_FREQUENCY_BINS - 1) - torch.bucketize(estimator.surprisal[x0], edges)  # (B, L), 0 = rarest
+        keep = torch.ones_like(bins, dtype=torch.bool) if real is None else real
+        flat_bins = bins[keep]
+        for k, t_value in enumerate(t_grid):
+            t = torch.full((B,), float(t_value), device=device)
+            z = standardize(torch.sigmoid(estimator(x0, t)), real)  # (B, L)
+            rate = schedule.mask_prob(t)  # (B,)
+            counts[k].index_add_(0, flat_bins, torch.ones_like(flat_bins, dtype=torch.float64))
+            for stage, beta in betas.items():
+                p = tilted_mask_probs(rate, z, beta, balanced, real)  # (B, L)
+                sums[stage][k].index_add_(0, flat_bins, p[keep].double())
+    estimator.train(was_training)
+    rate = schedule.mask_prob(torch.tensor(t_grid, dtype=torch.float64))
+    return {
+        "t": list(t_grid),
+        "rate": [float(r) for r in rate],
+        "beta": dict(betas),
+        "by_stage": {stage: (s / counts).tolist() for stage, s in sums.items()},  # 0 / 0 = nan: an empty bin
     }

@@ -1,12 +1,21 @@
 """Checkpoints: one file holds everything needed to resume exactly (STYLE principle 5).
 
-Written atomically (temporary file, fsync, rename), so a crash while saving leaves the previous file intact.
+Written atomically (temporary file, fsync, rename), so a crash or a full disk while saving leaves the previous
+file intact. Each file gets a sha256 sidecar (`last.pt.sha256`, in `sha256sum -c` format) that loading checks, so
+a damaged or truncated file is named as such instead of half-loading. `last.pt` keeps its previous version as
+`last.prev.pt` (a hard link, so no copy): resuming falls back to it when `last.pt` is unreadable. The sidecar is
+removed before the file it describes is replaced and written after, so a sidecar never describes another file; a
+file without one (a crash between the two renames) is loaded unverified, and torch's zip format still catches
+truncation.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
+import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -39,23 +48,156 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return path
 
 
-def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(payload, f)
+LAST, PREVIOUS = "last.pt", "last.prev.pt"
+
+
+def checksum_path(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+class _HashingWriter:
+    """A file wrapper for torch.save that hashes the bytes on their way to disk (no second read)."""
+
+    def __init__(self, f) -> None:
+        self.f, self.sha = f, hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.sha.update(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def save_checkpoint(path: Path, payload: dict[str, Any], keep_previous: bool | None = None) -> None:
+    """Write `payload` to `path` atomically with its sha256 sidecar. `keep_previous` (default: for last.pt) first
+    keeps the file being replaced as last.prev.pt. Any OSError (a full disk, a lost mount) leaves what was there
+    intact and is raised as a CheckpointError naming the file."""
+    path = Path(path)
+    keep_previous = path.name == LAST if keep_previous is None else keep_previous
+    tmp, sidecar_tmp = path.with_name(f".{path.name}.tmp"), path.with_name(f".{path.name}.sha256.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            writer = _HashingWriter(f)
+            torch.save(payload, writer)
+            f.flush()
+            os.fsync(f.fileno())
+        _write_durably(sidecar_tmp, f"{writer.sha.hexdigest()}  {path.name}\n")
+        if keep_previous and path.is_file():
+            _keep_as_previous(path, path.with_name(PREVIOUS))
+        checksum_path(path).unlink(missing_ok=True)  # never let the old sidecar describe the new file
+        os.replace(tmp, path)
+        os.replace(sidecar_tmp, checksum_path(path))
+        _fsync_dir(path.parent)
+    except OSError as err:
+        for leftover in (tmp, sidecar_tmp):
+            leftover.unlink(missing_ok=True)
+        raise CheckpointError(
+            f"{path}: could not write the checkpoint ({err.strerror or err}); the checkpoint already there is "
+            "intact: free space (or fix the folder) and continue with --resume"
+        ) from None
+
+
+def _keep_as_previous(path: Path, previous: Path) -> None:
+    checksum_path(previous).unlink(missing_ok=True)
+    link = previous.with_name(f".{previous.name}.tmp")
+    link.unlink(missing_ok=True)
+    try:
+        os.link(path, link)  # the same bytes under a second name: no copy, no extra space
+    except OSError:
+        shutil.copyfile(path, link)  # a filesystem without hard links
+    os.replace(link, previous)
+    sidecar = checksum_path(path)
+    if sidecar.is_file():
+        digest = sidecar.read_text().split()[0]
+        _write_durably(checksum_path(previous), f"{digest}  {previous.name}\n")
+
+
+def _write_durably(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".part")
+    with open(tmp, "w") as f:
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
+def _fsync_dir(folder: Path) -> None:
+    """Make the renames durable (POSIX); a no-op where folders cannot be opened (Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def file_sha256(path: Path) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            sha.update(chunk)
+    return sha.hexdigest()
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Check `path` against its sha256 sidecar; no sidecar, nothing to check (older or interrupted saves)."""
+    sidecar = checksum_path(path)
+    if not sidecar.is_file():
+        return
+    expected = (sidecar.read_text().split() or [""])[0]
+    actual = file_sha256(path)
+    if actual != expected:
+        raise CheckpointError(
+            f"{path}: checksum mismatch with {sidecar.name} ({path.stat().st_size} bytes, sha256 {actual[:12]}..., "
+            f"expected {expected[:12]}...): the file is damaged or truncated"
+        )
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     path = resolve_checkpoint(path)
+    verify_checkpoint(path)
     try:
         # weights_only: a checkpoint is data, never code; our payload is tensors, dicts, lists and numbers.
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure means the same thing to the user
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from None
+
+
+def has_checkpoint(run_dir: Path) -> bool:
+    """Whether the run folder holds a checkpoint to resume from (last.pt, or the previous one it keeps)."""
+    folder = checkpoint_dir(run_dir)
+    return (folder / LAST).is_file() or (folder / PREVIOUS).is_file()
+
+
+_reported: set[str] = set()  # fallbacks already reported in this process (the CLI and the trainer both load)
+
+
+def load_resume_checkpoint(run_dir: Path) -> tuple[dict[str, Any], Path]:
+    """(payload, path) of the newest readable checkpoint of a run: last.pt, else last.prev.pt with a note on
+    stderr that names the bad file. A CheckpointError naming every file tried when none is readable."""
+    folder = checkpoint_dir(run_dir)
+    errors = []
+    for path in (folder / LAST, folder / PREVIOUS):
+        if not path.is_file():
+            continue
+        try:
+            payload = load_checkpoint(path)
+        except CheckpointError as err:
+            errors.append(str(err))
+            continue
+        if errors and errors[0] not in _reported:
+            _reported.add(errors[0])
+            print(f"note: {errors[0]}; resuming from {path} (step {payload['state']['step']}) instead", file=sys.stderr)
+        return payload, path
+    if errors:
+        raise CheckpointError(" | ".join(errors) + " | no readable checkpoint left to resume from")
+    raise CheckpointError(f"{run_dir}: no checkpoints/last.pt to resume from; start the run without --resume")
 
 
 def rng_state() -> dict[str, Any]:

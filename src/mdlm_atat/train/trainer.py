@@ -6,6 +6,8 @@ is made: MDLM calls the objective; ATAT (`atat.enabled`) runs its estimator, mas
 estimator's own loss (diffusion/atat.py). Every `log_every_n_steps` a metrics line; every `eval_every_n_steps`
 the validation bound with the EMA weights (best.pt when it improves) and, for ATAT, the estimator's
 diagnostics; every `save_every_n_steps` checkpoints/last.pt, which holds everything needed to continue exactly.
+SIGTERM / SIGINT finish the step, save last.pt and return; a step with a NaN/inf loss or gradient is skipped and
+counted, and too many in a row stop the run (train/faults.py).
 """
 
 from __future__ import annotations
@@ -27,15 +29,18 @@ from mdlm_atat.data.tokenizers import Tokenizer
 from mdlm_atat.diffusion.atat import AtatTraining
 from mdlm_atat.diffusion.objective import MaskedDiffusionObjective
 from mdlm_atat.diffusion.schedule import LogLinearSchedule
-from mdlm_atat.eval.diagnostics import importance_diagnostics
+from mdlm_atat.eval.diagnostics import importance_diagnostics, masking_profile, stage_betas
 from mdlm_atat.eval.likelihood import BoundResult, evaluate_bound
 from mdlm_atat.models import build_model, count_parameters
 from mdlm_atat.models.importance import ImportanceEstimator, unigram_surprisal
 from mdlm_atat.pipeline import build_run_data
 from mdlm_atat.runtime import autocast_for, precision_name
 from mdlm_atat.train import distributed
-from mdlm_atat.train.checkpoint import CheckpointError, RunDirError, checkpoint_dir, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from mdlm_atat.train.metrics import MetricsLog
+from mdlm_atat.train.checkpoint import (
+    RunDirError, checkpoint_dir, has_checkpoint, load_resume_checkpoint, rng_state, save_checkpoint, set_rng_state,
+)
+from mdlm_atat.train.faults import GracefulStop, NonFiniteGuard, check_writable
+from mdlm_atat.train.metrics import MetricsLog, build_sinks
 from mdlm_atat.train.optim import build_ema, build_optimizer, build_scheduler
 
 
@@ -44,6 +49,8 @@ class TrainState:
     step: int = 0  # optimiser steps taken
     samples_seen: int = 0  # training sequences consumed: the data position
     best_val_nelbo: float = math.inf
+    nonfinite_steps: int = 0  # updates skipped for a NaN/inf loss or gradient (train/faults.py)
+    nonfinite_in_a_row: int = 0
 
 
 def seed_everything(seed: int) -> None:
@@ -92,19 +99,18 @@ def _train(
     last_path = checkpoint_dir(run_dir) / "last.pt"
     payload = None
     if resume:
-        if not last_path.is_file():
-            raise CheckpointError(f"{run_dir}: no checkpoints/last.pt to resume from; start the run without --resume")
-        payload = load_checkpoint(last_path)
-    elif last_path.exists():
+        payload, _ = load_resume_checkpoint(run_dir)  # last.pt, or last.prev.pt when last.pt is unreadable
+    elif has_checkpoint(run_dir):
         raise RunDirError(
             f"{run_dir}: this run folder already holds checkpoints; add --resume to continue it, "
             "or choose another --log-dir"
         )
-    run_dir.mkdir(parents=True, exist_ok=True)
+    check_writable(run_dir, "--log-dir")
     tc = cfg.training
     seed_everything(tc.seed)  # the same seed on every rank: the modules are built equal
     device = dist_env.device
     autocast = autocast_for(device, tc.mixed_precision)
+    check_writable(cfg.data.cache_dir, "data.cache_dir")  # a path that cannot be written: one line, not a traceback
 
     saved_tokenizer = Tokenizer.from_json(payload["tokenizer"]) if payload else None
     # Rank 0 fills the tokenizer / token-store cache first; the others then reuse it.
@@ -154,7 +160,10 @@ def _train(
         data.train_blocks, batch_size, seed=tc.seed, start_sample=state.samples_seen, rank=dist_env.rank,
         world_size=dist_env.world_size, num_workers=cfg.data.num_workers,
     )
-    metrics = MetricsLog(run_dir / "metrics.jsonl") if dist_env.is_main else distributed.SilentLog()
+    metrics = (  # rank 0 logs: the file, the console and the sinks (TensorBoard, W&B)
+        MetricsLog(run_dir / "metrics.jsonl", build_sinks(cfg, run_dir)) if dist_env.is_main
+        else distributed.SilentLog()
+    )
     metrics.write(
         {
             "event": "start" if payload is None else "resume",
@@ -244,6 +253,16 @@ def _train(
                     autocast=autocast,
                 )
                 metrics.write({"event": "atat_val", "step": state.step, **diagnostics})
+                profile = masking_profile(  # masking rate vs t per stage and token frequency, for the report
+                    estimator,
+                    objective.schedule,
+                    stage_betas(atat.curriculum),
+                    eval_batches(data.val_blocks, batch_size, max_batches=1),  # 10 estimator passes per batch
+                    balanced=cfg.atat.masking == "balanced",
+                    pad_id=data.tokenizer.pad_id if cfg.data.framing == "padded" else None,
+                    device=device,
+                )
+                metrics.write({"event": "masking_profile", "step": state.step, **profile}, console=False)
         if distributed.rank0_flag(improved, dist_env):
             save(checkpoint_dir(run_dir) / "best.pt")
         return result
@@ -258,6 +277,10 @@ def _train(
         disable=not dist_env.is_main,
     )
     draw_generator = torch.Generator(device=device)
+    guard = NonFiniteGuard(tc.max_nonfinite_steps, metrics, last_path)
+    stop = GracefulStop().install()  # SIGTERM / SIGINT: finish the step, save, return (train/faults.py)
+    stopped = None
+    applied_since_log = 0  # steps whose update was applied: the logged loss averages over those
     model.train()
     try:
         while state.step < end_step:
@@ -268,6 +291,8 @@ def _train(
                 objective, tc.seed, state.step, global_batch, cfg.data.max_length, device, draw_generator
             )  # (global_batch,), (global_batch, L)
             log_now = (state.step + 1) % tc.log_every_n_steps == 0 or state.step == 0 or state.step + 1 == end_step
+            step_loss = torch.zeros((), device=device)  # denoiser + estimator: what the guard checks
+            step_nelbo = torch.zeros((), device=device)  # the denoiser's alone: what is logged
             for micro in range(accum):
                 x0 = next(batches).to(device, non_blocking=True)  # (B, L)
                 real = attention_mask(x0, data.tokenizer, cfg.data.framing)  # None when packed: all real
@@ -286,23 +311,33 @@ def _train(
                             terms = atat_step.terms
                             loss = terms.loss + atat_step.estimator_loss  # disjoint parameters: stop-gradient
                     (loss / accum).backward()
-                loss_sum += terms.loss.detach() / accum
+                step_loss += loss.detach() / accum
+                step_nelbo += terms.loss.detach() / accum
             max_norm = tc.grad_clip if tc.grad_clip > 0 else math.inf
             grad_norm = distributed.clip_grad_norm_(list(model.parameters()), max_norm)
+            estimator_norm = torch.zeros((), device=device)
             if estimator is not None and estimator.learned:
-                torch.nn.utils.clip_grad_norm_(estimator.parameters(), max_norm)  # its own budget
-            optimizer.step()
+                estimator_norm = torch.nn.utils.clip_grad_norm_(estimator.parameters(), max_norm)  # its own budget
+            # A NaN/inf loss or gradient skips the update (no optimiser or EMA step; the step still counts): one
+            # host sync per step to decide.
+            loss_value, norm_value = torch.stack([step_loss, grad_norm + estimator_norm]).tolist()
+            if guard.check(state, loss_value, norm_value, dist_env):
+                optimizer.step()
+                if ema is not None:
+                    ema.update_parameters(model)
+                loss_sum += step_nelbo
+                applied_since_log += 1
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            if ema is not None:
-                ema.update_parameters(model)
             state.step += 1
             state.samples_seen += global_batch
             steps_since_log += 1
             progress.update(1)
 
             if log_now:
-                loss = distributed.mean_over_ranks(loss_sum, dist_env).item() / steps_since_log  # the global batch's
+                loss = math.nan  # every step since the last log was skipped (non-finite)
+                if applied_since_log:
+                    loss = distributed.mean_over_ranks(loss_sum, dist_env).item() / applied_since_log  # global batch
                 elapsed = time.perf_counter() - log_clock
                 first_loss = loss if first_loss is None else first_loss
                 last_loss = loss
@@ -317,18 +352,24 @@ def _train(
                         "tokens_per_s": steps_since_log * tokens_per_step / elapsed,
                         "tokens_per_s_per_device": steps_since_log * tokens_per_step / elapsed / dist_env.world_size,
                         **(_atat_record(atat_step) if atat is not None else {}),
+                        **({"nonfinite_steps": state.nonfinite_steps} if state.nonfinite_steps else {}),
                     }
                 )
-                progress.set_postfix(loss=f"{loss:.3f}")
+                progress.set_postfix(loss=f"{loss:.3f}", tok_s=f"{steps_since_log * tokens_per_step / elapsed:,.0f}")
                 loss_sum.zero_()
-                steps_since_log = 0
+                steps_since_log = applied_since_log = 0
                 log_clock = time.perf_counter()
             if state.step % tc.eval_every_n_steps == 0 or state.step == end_step:
                 val_result = validate()
                 log_clock = time.perf_counter()  # evaluation time is not training throughput
-            if state.step % tc.save_every_n_steps == 0 or state.step == end_step:
+            stopped = stop.agreed(dist_env)  # every rank stops after the same step
+            if state.step % tc.save_every_n_steps == 0 or state.step == end_step or stopped:
                 save(last_path)
+            if stopped:
+                metrics.write({"event": "stopped", "step": state.step, "signal": stopped})
+                break
     finally:
+        stop.restore()
         progress.close()
         metrics.close()
     return {
@@ -338,6 +379,8 @@ def _train(
         "last_loss": last_loss,
         "val": val_result.to_dict() if val_result is not None else None,
         "best_val_nelbo": state.best_val_nelbo,
+        "nonfinite_steps": state.nonfinite_steps,
+        "stopped": stopped,  # the signal's name when SIGTERM / SIGINT ended the run early, else None
     }
 
 
