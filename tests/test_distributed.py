@@ -296,3 +296,29 @@ def test_torchrun_atat_train_resumes_a_one_process_run(one_process_run, data_cac
     (resumed,) = _records(run_dir, "resume")
     assert (resumed["world_size"], resumed["strategy"], resumed["global_batch_size"]) == (2, "ddp", 8)
     assert_same_run(one_process_run, run_dir)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The scaling benchmark's CPU smoke test
+
+
+@pytest.mark.distributed
+def test_scaling_benchmark_runs_on_cpu_with_gloo(tmp_path):
+    out = tmp_path / "scaling.json"
+    command = [
+        sys.executable, str(REPO / "benchmarks" / "scaling.py"), "--device", "cpu", "--hidden-dim", "32",
+        "--num-layers", "2", "--num-heads", "2", "--cond-dim", "16", "--seq-len", "32", "--batch-size", "4",
+        "--vocab-size", "100", "--steps", "2", "--warmup", "1", "--nproc", "1,2", "--variants", "ddp,fsdp",
+        "--output", str(out),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads(out.read_text())["results"]
+    # One process is plain training (the baseline, measured once); 2 processes per strategy.
+    assert [(r["variant"], r["world_size"], r["strategy"]) for r in results] == [
+        ("ddp", 1, "none"), ("ddp", 2, "ddp"), ("fsdp", 2, "fsdp")
+    ]
+    assert all(r["losses_finite"] and r["scaling_efficiency"] > 0 for r in results)
+    assert results[0]["scaling_efficiency"] == 1.0
+    assert "efficiency" in done.stdout
