@@ -55,7 +55,10 @@ def _add_eval(subparsers) -> None:
             "t per sequence, a fixed seed, EMA weights. Prints JSON; never writes into the run's checkpoints."
         ),
     )
-    p.add_argument("--checkpoint", type=Path, required=True, help="a .pt checkpoint or a run folder (its last.pt)")
+    p.add_argument(
+        "--checkpoint", type=Path, required=True,
+        help="a .pt checkpoint, a run folder (its last.pt) or a folder written by atat export",
+    )
     p.add_argument(
         "--dataset",
         help="dataset to score: stdlib-docs, a local .jsonl/.txt file or folder, or a HF name "
@@ -123,7 +126,10 @@ def _add_sample(subparsers) -> None:
             "sample-quality numbers."
         ),
     )
-    p.add_argument("--checkpoint", type=Path, required=True, help="a .pt checkpoint or a run folder (its last.pt)")
+    p.add_argument(
+        "--checkpoint", type=Path, required=True,
+        help="a .pt checkpoint, a run folder (its last.pt) or a folder written by atat export",
+    )
     p.add_argument(
         "--sampler",
         choices=("ancestral", "ancestral-cache", "confidence", "semi-ar", "ar"),
@@ -175,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(subparsers)
     _add_prepare(subparsers)
     _add_sample(subparsers)
+    _add_report(subparsers)
+    _add_export(subparsers)
     return parser
 
 
@@ -290,7 +298,63 @@ def run_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-VERBS = {"train": run_train, "eval": run_eval, "prepare": run_prepare, "download": run_prepare, "sample": run_sample}
+def _add_report(subparsers) -> None:
+    p = subparsers.add_parser(
+        "report",
+        help="plots of a run (loss, LR, curriculum, masking, importance, estimator) and an HTML page",
+        description=(
+            "Read a run folder's metrics.jsonl and config.yaml (and any atat eval JSON there) and write PNG plots: "
+            "training and validation loss / PPL vs tokens, LR, gradient norm and throughput, curriculum stage and "
+            "beta, masking rate vs t per stage and token frequency, importance distribution per stage, NELBO by "
+            "token-frequency bin, the estimator's correlation over time; plus index.html showing them with the "
+            "config and final numbers. Needs matplotlib; works without a display."
+        ),
+    )
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="the run folder (--log-dir of atat train)")
+    p.add_argument("--out", type=Path, help="output folder (default: RUN_DIR/report)")
+
+
+def _add_export(subparsers) -> None:
+    p = subparsers.add_parser(
+        "export",
+        help="a checkpoint as a HuggingFace-style folder (safetensors, config.json, tokenizer, model card)",
+        description=(
+            "Write model.safetensors (EMA denoiser weights), estimator.safetensors (ATAT's estimator, if any), "
+            "config.json, tokenizer.json + tokenizer_config.json + special_tokens_map.json and a README.md model "
+            "card with the evaluation numbers found (the run's validation bound at the checkpoint's step, atat "
+            "eval JSON files in the run folder, --eval files). atat eval and atat sample take the folder as "
+            "--checkpoint."
+        ),
+    )
+    p.add_argument("--checkpoint", type=Path, required=True, help="a .pt checkpoint or a run folder (its last.pt)")
+    p.add_argument("--out", type=Path, required=True, help="the folder to write (new, or empty; see --force)")
+    p.add_argument("--eval", type=Path, action="append", default=[], metavar="FILE",
+                   help="an atat eval JSON file whose numbers go into the model card (repeatable)")
+    p.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from mdlm_atat.viz.report import write_report
+
+    result = write_report(args.run_dir, args.out)
+    print(f"report: {result['page']} ({len(result['figures'])} figures)")
+    if result["missing"]:
+        print(f"not in this run's records: {', '.join(result['missing'])}")
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from mdlm_atat.export import export_checkpoint
+
+    result = export_checkpoint(args.checkpoint, args.out, use_ema=not args.no_ema, eval_files=args.eval,
+                               overwrite=args.force)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+VERBS = {"train": run_train, "eval": run_eval, "prepare": run_prepare, "download": run_prepare, "sample": run_sample,
+         "report": run_report, "export": run_export}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,14 +15,19 @@ from mdlm_atat.data.tokenizers import Tokenizer
 from mdlm_atat.eval.likelihood import evaluate_bound
 from mdlm_atat.models import build_model
 from mdlm_atat.runtime import autocast_for, precision_name, resolve_device
-from mdlm_atat.train.checkpoint import load_checkpoint, resolve_checkpoint
+from mdlm_atat.train.checkpoint import is_export_dir, load_checkpoint, resolve_checkpoint
 from mdlm_atat.train.trainer import make_objective
 
 
 def load_for_inference(
     checkpoint: str | Path, use_ema: bool = True, device: torch.device | str = "cpu"
 ) -> tuple[torch.nn.Module, Config, Tokenizer, dict[str, Any]]:
-    """(model in eval mode, config, tokenizer, the checkpoint's metadata) from a .pt file or a run folder."""
+    """(model in eval mode, config, tokenizer, the checkpoint's metadata) from a .pt file, a run folder or an
+    `atat export` folder."""
+    if is_export_dir(checkpoint):
+        from mdlm_atat.export import load_export
+
+        return load_export(checkpoint, use_ema=use_ema, device=device)
     payload = load_checkpoint(checkpoint)
     cfg = from_dict(payload["config"])
     tokenizer = Tokenizer.from_json(payload["tokenizer"])

@@ -35,16 +35,26 @@ def checkpoint_dir(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A .pt file, or a run folder (its checkpoints/last.pt)."""
+EXPORT_MARKERS = ("config.json", "model.safetensors")  # what `atat export` writes (export.py)
+
+
+def is_export_dir(path: str | Path) -> bool:
     path = Path(path)
+    return path.is_dir() and all((path / name).is_file() for name in EXPORT_MARKERS)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A .pt file, a run folder (its checkpoints/last.pt), or a folder written by `atat export` (itself)."""
+    path = Path(path)
+    if is_export_dir(path):
+        return path
     if path.is_dir():
         candidate = checkpoint_dir(path) / "last.pt"
         if not candidate.is_file():
             raise CheckpointError(f"{path}: no checkpoints/last.pt in this run folder; has it saved a checkpoint yet?")
         return candidate
     if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found; pass a .pt file or a run folder")
+        raise CheckpointError(f"{path}: checkpoint not found; pass a .pt file, a run folder or an exported folder")
     return path
 
 

@@ -1,0 +1,280 @@
+"""`atat export`: a checkpoint as a HuggingFace-style folder that `atat eval` and `atat sample` load as they are.
+
+    OUT/
+      model.safetensors      the denoiser's weights (the EMA by default: what evaluation and sampling use)
+      estimator.safetensors  ATAT's importance estimator, when the run had a learned one (not needed to sample)
+      config.json            HF-style fields (model_type, sizes, vocabulary, special ids) and, under `mdlm_atat`,
+                             the run's full resolved config, step and config hash: the model is rebuilt from it
+      tokenizer.json         the tokenizer (HF `tokenizers` format), tokenizer_config.json and
+                             special_tokens_map.json with the special tokens and our ids (an appended MASK / PAD id
+                             lies outside tokenizer.json's vocabulary, so the ids are stated)
+      README.md              a model card: what it is, the evaluation numbers found, how to use it, the config
+
+safetensors holds tensors only (no pickle), so the weights load without running code. The evaluation numbers in
+the card come from the run folder the checkpoint sits in (the validation bound logged at the checkpoint's step;
+`atat eval` JSON files there with the same step and config hash) and from any `--eval FILE` given.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mdlm_atat import __version__
+from mdlm_atat.config import Config, ConfigError, from_dict
+from mdlm_atat.data.tokenizers import Tokenizer
+from mdlm_atat.models import build_model, count_parameters
+from mdlm_atat.train.checkpoint import CheckpointError, is_export_dir, load_checkpoint, resolve_checkpoint
+
+FORMAT_VERSION = 1
+
+
+def _safetensors():
+    try:
+        from safetensors.torch import load_file, save_file
+    except ImportError:
+        raise CheckpointError("exported folders use safetensors: pip install safetensors") from None
+    return load_file, save_file
+
+
+def export_checkpoint(
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    use_ema: bool = True,
+    eval_files: list[str | Path] | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Write the export folder; returns a summary (paths, step, evaluation entries in the card)."""
+    _, save_file = _safetensors()
+    path = resolve_checkpoint(checkpoint)
+    if is_export_dir(path):
+        raise CheckpointError(f"{path}: already an exported folder; export a .pt checkpoint or a run folder")
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise CheckpointError(f"--out {out}: exists and is not empty; choose a new folder or pass --force")
+    payload = load_checkpoint(path)
+    cfg = from_dict(payload["config"])
+    tokenizer = Tokenizer.from_json(payload["tokenizer"])
+    weights_key = "ema" if use_ema and payload.get("ema") is not None else "model"
+    step = payload["state"]["step"]
+    weights = "ema" if weights_key == "ema" else "raw"
+    meta = {"step": str(step), "config_hash": payload["config_hash"], "weights": weights}
+
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(_plain(payload[weights_key]), str(tmp / "model.safetensors"), metadata={"format": "pt", **meta})
+    if payload.get("estimator"):
+        save_file(_plain(payload["estimator"]), str(tmp / "estimator.safetensors"), metadata={"format": "pt", **meta})
+    model = build_model(cfg.model, tokenizer.num_tokens)
+    num_parameters = count_parameters(model)
+    (tmp / "config.json").write_text(json.dumps(hf_config(cfg, tokenizer, payload, meta, num_parameters), indent=2))
+    backend = json.loads(payload["tokenizer"])
+    (tmp / "tokenizer.json").write_text(backend["backend"])
+    specials = _special_tokens(tokenizer)
+    (tmp / "special_tokens_map.json").write_text(json.dumps(specials, indent=2))
+    (tmp / "tokenizer_config.json").write_text(json.dumps(
+        {
+            **specials,
+            "model_max_length": cfg.data.max_length,
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "mdlm_atat": {k: backend[k] for k in ("name", "bos_id", "eos_id", "mask_id", "pad_id")},
+        },
+        indent=2,
+    ))
+    evaluations = collect_evaluations(path, step, payload["config_hash"], eval_files or [], cfg)
+    (tmp / "README.md").write_text(model_card(cfg, tokenizer, meta, num_parameters, evaluations, out.name))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)  # the folder appears complete or not at all
+    return {"out": str(out), "step": step, "weights": meta["weights"], "evaluations": len(evaluations),
+            "files": sorted(p.name for p in out.iterdir())}
+
+
+def _plain(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # safetensors refuses tensors that share memory or are not contiguous: give each its own copy.
+    return {k: v.detach().clone().contiguous() for k, v in state.items()}
+
+
+def _special_tokens(tokenizer: Tokenizer) -> dict[str, str]:
+    """Special token strings where the id is in the tokenizer's vocabulary; appended ids are stated in ids only."""
+    out = {}
+    for name, token_id in (("bos_token", tokenizer.bos_id), ("eos_token", tokenizer.eos_id),
+                           ("mask_token", tokenizer.mask_id), ("pad_token", tokenizer.pad_id)):
+        if token_id is not None and token_id < tokenizer.vocab_size:
+            out[name] = tokenizer._tk.id_to_token(token_id)
+    return out
+
+
+def hf_config(cfg: Config, tokenizer: Tokenizer, payload: dict, meta: dict, num_parameters: int) -> dict[str, Any]:
+    m = cfg.model
+    return {
+        "model_type": "mdlm-atat-dit",
+        "architectures": ["ARDiT" if m.name == "ar" else "DiT"],
+        "is_diffusion_model": m.name != "ar",
+        "hidden_size": m.hidden_dim,
+        "num_hidden_layers": m.num_layers,
+        "num_attention_heads": m.num_heads,
+        "cond_dim": m.cond_dim,
+        "mlp_ratio": m.mlp_ratio,
+        "time_conditioning": m.time_conditioning,
+        "max_position_embeddings": cfg.data.max_length,
+        "vocab_size": tokenizer.num_tokens,  # embedding rows: the tokenizer's ids plus any appended MASK / PAD
+        "tokenizer_vocab_size": tokenizer.vocab_size,
+        "bos_token_id": tokenizer.bos_id,
+        "eos_token_id": tokenizer.eos_id,
+        "mask_token_id": tokenizer.mask_id,
+        "pad_token_id": tokenizer.pad_id,
+        "num_parameters": num_parameters,
+        "torch_dtype": "float32",
+        "mdlm_atat": {
+            "format_version": FORMAT_VERSION,
+            "version": __version__,
+            "step": int(meta["step"]),
+            "config_hash": meta["config_hash"],
+            "weights": meta["weights"],
+            "config": payload["config"],
+        },
+    }
+
+
+def collect_evaluations(
+    checkpoint: Path, step: int, config_hash: str, eval_files: list, cfg: Config
+) -> list[dict[str, Any]]:
+    """Evaluation numbers for the card: the training run's validation bound at this step, `atat eval` JSON files
+    in the run folder for this step and config, and the files given."""
+    found: list[dict[str, Any]] = []
+    run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else None
+    if run_dir is not None and (run_dir / "metrics.jsonl").is_file():
+        val = None
+        for line in (run_dir / "metrics.jsonl").read_text(errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and record.get("event") == "val" and record.get("step") == step:
+                val = record
+        if val is not None:
+            found.append({
+                "dataset": cfg.data.dataset_name, "split": cfg.data.val_split, "nelbo": val["val_nelbo"],
+                "stderr": val.get("val_stderr"), "ppl": val.get("val_ppl"), "num_tokens": val.get("val_tokens"),
+                "step": step, "source": "validation during training (metrics.jsonl)",
+            })
+    candidates = sorted(run_dir.glob("*.json")) if run_dir is not None else []
+    explicit = {Path(p).resolve() for p in eval_files}
+    for path in [*candidates, *map(Path, eval_files)]:
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            if Path(path).resolve() in explicit:
+                raise ConfigError(f"--eval {path}: not a readable atat eval JSON file") from None
+            continue
+        results = [data] if isinstance(data, dict) and "nelbo" in data else (
+            list(data.values()) if isinstance(data, dict) and data and all(isinstance(v, dict) and "nelbo" in v
+                                                                           for v in data.values()) else [])
+        for r in results:
+            same = r.get("step") == step and r.get("config_hash") == config_hash
+            if same or Path(path).resolve() in explicit:
+                keys = ("dataset", "split", "nelbo", "stderr", "ppl", "num_tokens", "step")
+                source = Path(path).name + ("" if same else " (another step or config)")
+                found.append({**{k: r.get(k) for k in keys}, "source": source})
+    unique = {json.dumps(e, sort_keys=True, default=str): e for e in found}
+    return list(unique.values())
+
+
+def model_card(cfg: Config, tokenizer: Tokenizer, meta: dict, num_parameters: int, evaluations: list, name: str) -> str:
+    is_ar = cfg.model.name == "ar"
+    method = ("an autoregressive baseline (causal DiT, next-token loss)" if is_ar else
+              f"ATAT (importance {cfg.atat.importance_mode}, masking {cfg.atat.masking}, beta0 {cfg.atat.beta0}, "
+              f"curriculum {cfg.curriculum.variant})" if cfg.atat.enabled else "MDLM (uniform masking)")
+    what = "causal language model" if is_ar else "masked diffusion language model (MDLM, Sahoo et al., NeurIPS 2024)"
+    lines = [
+        "---",
+        "library_name: mdlm-atat",
+        "tags: [masked-diffusion, mdlm, atat, text-generation]",
+        "---",
+        "",
+        f"# {name}",
+        "",
+        f"A {what} trained with mdlm-atat {__version__}: {method}.",
+        "",
+        "| | |",
+        "| --- | --- |",
+        f"| denoiser | DiT, {cfg.model.hidden_dim} wide, {cfg.model.num_layers} blocks, {cfg.model.num_heads} heads, "
+        f"{num_parameters:,} parameters |",
+        f"| weights | {'EMA (as evaluation and sampling use)' if meta['weights'] == 'ema' else 'raw (not the EMA)'}, "
+        f"step {meta['step']}, config hash {meta['config_hash']} |",
+        f"| tokenizer | {tokenizer.name}: {tokenizer.vocab_size:,} tokens; MASK id {tokenizer.mask_id}, "
+        f"BOS {tokenizer.bos_id}, EOS {tokenizer.eos_id}, PAD {tokenizer.pad_id} |",
+        f"| data | {cfg.data.dataset_name}, {cfg.data.framing} framing, L = {cfg.data.max_length} |",
+        "",
+        "## Evaluation",
+        "",
+    ]
+    if evaluations:
+        lines += [
+            "MDLM's NELBO under uniform masking (an upper bound on the NLL; PPL = exp(NELBO) bounds perplexity)."
+            if not is_ar else "Exact NLL (autoregressive).",
+            "",
+            "| dataset | split | NELBO (nats/token) | PPL | tokens | step | source |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for e in evaluations:
+            stderr = f" +- {e['stderr']:.4f}" if isinstance(e.get("stderr"), (int, float)) else ""
+            ppl = f"{e['ppl']:.2f}" if isinstance(e.get("ppl"), (int, float)) and math.isfinite(e["ppl"]) else ""
+            lines.append(f"| {e.get('dataset')} | {e.get('split') or ''} | {e['nelbo']:.4f}{stderr} | {ppl} | "
+                         f"{e.get('num_tokens') or ''} | {e.get('step')} | {e['source']} |")
+    else:
+        lines.append("No evaluation found for this checkpoint: run `atat eval --checkpoint THIS_FOLDER`.")
+    lines += [
+        "",
+        "## Use",
+        "",
+        "```bash",
+        "# in a clone of mdlm-atat, after pip install -e .",
+        f"atat eval --checkpoint {name} --dataset {cfg.data.dataset_name}",
+        f"atat sample --checkpoint {name} --num-samples 4",
+        "```",
+        "",
+        "`model.safetensors` loads into `mdlm_atat.models.build_model(cfg.model, num_tokens)` with the config in "
+        "`config.json` (`mdlm_atat.config`); `mdlm_atat.eval.run.load_for_inference(FOLDER)` does both.",
+        "",
+        "## Training config",
+        "",
+        "```yaml",
+        cfg.to_yaml().rstrip(),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def load_export(
+    folder: str | Path, use_ema: bool = True, device: torch.device | str = "cpu"
+) -> tuple[torch.nn.Module, Config, Tokenizer, dict[str, Any]]:
+    """(model in eval mode, config, tokenizer, metadata) from an exported folder, as `load_for_inference` returns."""
+    load_file, _ = _safetensors()
+    folder = Path(folder)
+    try:
+        config = json.loads((folder / "config.json").read_text())
+        info = config["mdlm_atat"]
+        tok_info = json.loads((folder / "tokenizer_config.json").read_text())["mdlm_atat"]
+        backend = (folder / "tokenizer.json").read_text()
+    except (OSError, KeyError, json.JSONDecodeError, TypeError) as err:
+        raise CheckpointError(f"{folder}: not a complete atat export folder ({type(err).__name__}: {err})") from None
+    if not use_ema and info["weights"] == "ema":
+        raise ConfigError(f"--no-ema: {folder} holds the EMA weights only; export with --no-ema for the raw ones")
+    cfg = from_dict(info["config"])
+    tokenizer = Tokenizer.from_json(json.dumps({**tok_info, "backend": backend}))
+    model = build_model(cfg.model, tokenizer.num_tokens)
+    try:
+        model.load_state_dict(load_file(str(folder / "model.safetensors")))
+    except Exception as err:  # noqa: BLE001 - a damaged or mismatched file means the same to the user
+        raise CheckpointError(f"{folder / 'model.safetensors'}: cannot load ({type(err).__name__}: {err})") from None
+    model.to(device).eval()
+    return model, cfg, tokenizer, {"step": info["step"], "config_hash": info["config_hash"], "weights": info["weights"]}
