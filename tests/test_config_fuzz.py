@@ -23,7 +23,9 @@ KEYS = [f"{section}.{key}" for section, keys in SECTIONS.items() for key in keys
 
 # ATAT_FUZZ_EXAMPLES=5000 for a longer hunt; 150 keeps the suite fast.
 FUZZ = settings(
-    max_examples=int(os.environ.get("ATAT_FUZZ_EXAMPLES", 150)), deadline=None, suppress_health_check=[HealthCheck.too_slow]
+    max_examples=int(os.environ.get("ATAT_FUZZ_EXAMPLES", 150)),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
 )
 
 scalars = (
