@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     results: list[dict[str, Any]] = []
-    baselines: dict[bool, dict[str, Any] | None] = {}  # compiled -> the 1-process point
+    baselines: dict[bool, dict[str, Any]] = {}  # compiled -> the 1-process point
     ok = True
     with tempfile.TemporaryDirectory() as tmp:
         for variant in args.variants:
@@ -266,10 +266,14 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 if nproc == 1:
                     baselines[compiled] = result
+                base = baselines.get(compiled)
+                result["scaling_efficiency"] = (
+                    result["tokens_per_s_per_device"] / base["tokens_per_s_per_device"] if base else None
+                )
+                if base is not None and nproc > 1:
+                    print(f"{variant} on {nproc}: scaling efficiency {result['scaling_efficiency']:.1%}", flush=True)
                 results.append(result)
-    for r in results:
-        base = baselines.get(r["compiled"])
-        r["scaling_efficiency"] = r["tokens_per_s_per_device"] / base["tokens_per_s_per_device"] if base else None
+                write_output(args, argv, results)  # after every point: a run cut short keeps what it measured
 
     header = ("variant", "GPUs", "strategy", "step ms", "tokens/s", "tokens/s/device", "efficiency", "peak GiB")
     rows = [
@@ -290,18 +294,23 @@ def main(argv: list[str] | None = None) -> int:
     for row in (header, *rows):
         print("  ".join(cell.rjust(w) for cell, w in zip(row, widths)))
     if args.output is not None:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        record = {
-            "command": shlex.join(["python3", "benchmarks/scaling.py", *argv]),
-            "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "torch": torch.__version__,
-            "cuda": torch.version.cuda,
-            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-            "results": results,
-        }
-        args.output.write_text(json.dumps(record, indent=2) + "\n")
         print(f"\nwrote {args.output}")
     return 0 if ok else 1
+
+
+def write_output(args: argparse.Namespace, argv: list[str], results: list[dict[str, Any]]) -> None:
+    if args.output is None:
+        return
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    record = {
+        "command": shlex.join(["python3", "benchmarks/scaling.py", *argv]),
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "results": results,
+    }
+    args.output.write_text(json.dumps(record, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -298,6 +298,28 @@ def test_torchrun_atat_train_resumes_a_one_process_run(one_process_run, data_cac
     assert_same_run(one_process_run, run_dir)
 
 
+@pytest.mark.gpu
+@pytest.mark.distributed
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_gpus_save_one_gpu_resumes(data_cache, tmp_path, strategy):
+    """NCCL, cuda:LOCAL_RANK, bf16 (FSDP2's MixedPrecisionPolicy): the same checks at bf16 tolerance."""
+    gpu = ["training.device=auto", "training.mixed_precision=bf16"]
+    reference = tmp_path / "reference"
+    train(_run_config(data_cache, "training.gradient_accumulation_steps=2", *gpu), reference)
+    run_dir = tmp_path / "run"
+    spawn(_train_worker, 2, str(data_cache), [f"training.strategy={strategy}", *gpu], str(run_dir), False, 3)
+    (start,) = _records(run_dir, "start")
+    assert (start["world_size"], start["strategy"], start["device"]) == (2, strategy, "cuda:0")
+    train(_run_config(data_cache, "training.gradient_accumulation_steps=2", *gpu), run_dir, resume=True)
+    losses = {r["step"]: r["loss"] for r in _records(reference, "train")}
+    got = {r["step"]: r["loss"] for r in _records(run_dir, "train")}
+    assert got.keys() == losses.keys()
+    for step, loss in losses.items():
+        assert got[step] == pytest.approx(loss, rel=2e-2), step  # bf16: about 4e-3 per rounding
+    assert load_checkpoint(run_dir)["state"]["samples_seen"] == 6 * 8
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The scaling benchmark's CPU smoke test
 
