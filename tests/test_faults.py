@@ -98,7 +98,9 @@ def _atat_train(run_dir, data_cache, *overrides) -> subprocess.Popen:
     argv = [sys.executable, "-m", "mdlm_atat", "train", "--config", str(config), "--log-dir", str(run_dir),
             *TINY_OVERRIDES, f"data.cache_dir={data_cache}", *overrides]
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # A process group of its own: a signal can go to the whole job (DataLoader workers too), as a scheduler sends it.
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
 
 
 def _wait_for_step(proc, run_dir, step, timeout=120.0) -> None:
@@ -116,11 +118,12 @@ def _wait_for_step(proc, run_dir, step, timeout=120.0) -> None:
 
 
 def test_sigterm_to_atat_train_exits_0_with_a_checkpoint(tmp_path, data_cache):
+    """SIGTERM to every process of the job, DataLoader workers included (they leave it to the trainer)."""
     run = tmp_path / "run"
     proc = _atat_train(run, data_cache, "training.total_steps=100000", "training.save_every_n_steps=100000",
-                       "training.eval_every_n_steps=100000")
+                       "training.eval_every_n_steps=100000", "data.num_workers=2")
     _wait_for_step(proc, run, 2)
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-2000:]
     stopped = records(run, "stopped")

@@ -13,6 +13,7 @@ Batches are plain (B, L) int64 tensors in every framing; `attention_mask` says w
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 
 import numpy as np
@@ -111,6 +112,14 @@ def _as_is(batch: torch.Tensor) -> torch.Tensor:  # module level: picklable for 
     return batch
 
 
+def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
+    """A terminal's Ctrl-C and a scheduler's SIGTERM reach every process of the job: the main process finishes its
+    step and saves (train/faults.py), which needs its workers alive. They exit when the loader shuts them down, or
+    when the main process dies (torch's worker watchdog)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def train_batches(
     blocks: np.ndarray,
     batch_size: int,
@@ -135,6 +144,7 @@ def train_batches(
         # Workers only read; the order is fixed by the sampler. A generator of our own keeps DataLoader from
         # drawing its base seed from torch's global RNG (which the trainer checkpoints).
         generator=torch.Generator().manual_seed(seed),
+        worker_init_fn=_leave_stop_signals_to_the_trainer,
     )
     yield from loader
 
