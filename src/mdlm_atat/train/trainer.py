@@ -105,7 +105,6 @@ def _train(
             f"{run_dir}: this run folder already holds checkpoints; add --resume to continue it, "
             "or choose another --log-dir"
         )
-    check_writable(run_dir, "--log-dir")
     tc = cfg.training
     seed_everything(tc.seed)  # the same seed on every rank: the modules are built equal
     device = dist_env.device
@@ -116,6 +115,7 @@ def _train(
     # Rank 0 fills the tokenizer / token-store cache first; the others then reuse it.
     data = distributed.rank0_first(dist_env, lambda: build_run_data(cfg.data, tokenizer=saved_tokenizer))
     _check_vocab(cfg, data.tokenizer)
+    check_writable(run_dir, "--log-dir")  # only once the data is there: a failed start leaves no folder
     if dist_env.is_main:
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
 
