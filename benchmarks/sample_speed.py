@@ -40,13 +40,14 @@ from typing import Any
 
 import torch
 
-from mdlm_atat.config import MODEL_SIZES, ModelConfig
+from mdlm_atat.config import MODEL_SIZES
 from mdlm_atat.diffusion.objective import MaskedDiffusionObjective
 from mdlm_atat.diffusion.samplers import generate
 from mdlm_atat.diffusion.schedule import LogLinearSchedule
 from mdlm_atat.eval.likelihood import evaluate_bound
-from mdlm_atat.models.dit import DiT, DiTBlock, FinalLayer, count_parameters
+from mdlm_atat.models.dit import DiT, count_parameters
 from mdlm_atat.runtime import autocast_for, precision_name, resolve_device
+from common import model_config, move_zero_init_off_zero, synchronize  # noqa: E402 (benchmarks/ is on sys.path when run as a script)
 
 SAMPLERS = ("ancestral", "ancestral-cache", "confidence")
 
@@ -82,34 +83,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--seq-len: must be >= 3 (BOS, content, EOS)")
     args.eval_batch_size = args.eval_batch_size or args.batch_size
     return args
-
-
-def model_config(args: argparse.Namespace) -> tuple[ModelConfig, str]:
-    preset = args.size or "small"
-    default = MODEL_SIZES[preset]
-    explicit = (args.hidden_dim, args.num_layers, args.num_heads)
-    hidden, layers, heads = (e if e is not None else d for e, d in zip(explicit, default))
-    label = preset if (hidden, layers, heads) == default else "custom"
-    if hidden % heads or (hidden // heads) % 2:
-        raise SystemExit(f"--num-heads: hidden_dim {hidden} / num_heads {heads} must be an even integer (rotary)")
-    cfg = ModelConfig(hidden_dim=hidden, num_layers=layers, num_heads=heads, cond_dim=args.cond_dim, dropout=0.0,
-                      time_conditioning=False)
-    return cfg, label
-
-
-@torch.no_grad()
-def move_zero_init_off_zero(model: DiT, generator: torch.Generator, std: float = 0.02) -> None:
-    for module in model.modules():
-        if isinstance(module, (DiTBlock, FinalLayer)):
-            layers = [module.adaLN_modulation] + ([module.linear] if isinstance(module, FinalLayer) else [])
-            for linear in layers:
-                for p in (linear.weight, linear.bias):
-                    p.copy_(torch.randn(p.shape, generator=generator) * std)
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def reset_memory(device: torch.device) -> None:
@@ -179,7 +152,7 @@ def fmt(value: float | None, spec: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    cfg, size_label = model_config(args)
+    cfg, size_label = model_config(args, 0.0)
     device = resolve_device(args.device)
     mask_id = args.vocab_size  # MASK is the last id
     bos = eos = 0

@@ -49,6 +49,7 @@ from mdlm_atat.models.dit import DiT, count_parameters
 from mdlm_atat.runtime import autocast_for, precision_name
 from mdlm_atat.train import distributed
 from mdlm_atat.train.optim import build_ema, build_optimizer
+from common import synchronize  # noqa: E402 (benchmarks/ is on sys.path when run as a script)
 
 VARIANTS = ("ddp", "ddp-compiled", "fsdp", "fsdp-compiled")
 NUM_DISTINCT_BATCHES = 4
@@ -101,11 +102,6 @@ def model_config(args: argparse.Namespace) -> ModelConfig:
 
 # ----------------------------------------------------------------------------------------------------------
 # Worker: one (variant, world size) point, under torchrun
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def run_worker(args: argparse.Namespace) -> None:

@@ -57,10 +57,11 @@ from mdlm_atat.config import MODEL_SIZES, ModelConfig, TrainingConfig, load_conf
 from mdlm_atat.diffusion.atat import AtatTraining
 from mdlm_atat.diffusion.objective import MaskedDiffusionObjective
 from mdlm_atat.diffusion.schedule import LogLinearSchedule
-from mdlm_atat.models.dit import DiT, DiTBlock, FinalLayer, count_parameters
+from mdlm_atat.models.dit import DiT, count_parameters
 from mdlm_atat.models.importance import ImportanceEstimator, unigram_surprisal
 from mdlm_atat.runtime import autocast_for, precision_name, resolve_device
 from mdlm_atat.train.optim import build_optimizer
+from common import model_config, move_zero_init_off_zero, synchronize  # noqa: E402 (benchmarks/ is on sys.path when run as a script)
 
 VARIANTS = ("eager", "compiled", "atat", "atat-compiled")
 H100_BF16_DENSE_FLOPS = 989e12  # H100 SXM datasheet, bf16 tensor cores without sparsity (the H200's is the same)
@@ -125,22 +126,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def model_config(args: argparse.Namespace) -> tuple[ModelConfig, str]:
-    """The preset (default small), with any explicit dimension taking precedence; returns (config, label)."""
-    preset = args.size or "small"
-    hidden, layers, heads = MODEL_SIZES[preset]
-    explicit = (args.hidden_dim, args.num_layers, args.num_heads)
-    resolved = tuple(e if e is not None else d for e, d in zip(explicit, (hidden, layers, heads)))
-    label = preset if resolved == (hidden, layers, heads) else "custom"
-    hidden, layers, heads = resolved
-    if hidden % heads or (hidden // heads) % 2:
-        raise SystemExit(f"--num-heads: hidden_dim {hidden} / num_heads {heads} must be an even integer (rotary)")
-    cfg = ModelConfig(
-        hidden_dim=hidden, num_layers=layers, num_heads=heads, cond_dim=args.cond_dim, dropout=args.dropout
-    )
-    return cfg, label
-
-
 def matmul_parameters(model: DiT) -> int:
     """Weights each token is multiplied by: the blocks' qkv, attn_out and MLP weights, and the output layer's."""
     total = model.output_layer.linear.weight.numel()
@@ -152,17 +137,6 @@ def matmul_parameters(model: DiT) -> int:
 
 def flops_per_token(model: DiT, cfg: ModelConfig, seq_len: int) -> int:
     return 6 * matmul_parameters(model) + 12 * cfg.num_layers * seq_len * cfg.hidden_dim
-
-
-@torch.no_grad()
-def move_zero_init_off_zero(model: DiT, generator: torch.Generator, std: float = 0.02) -> None:
-    """Give adaLN and the output layer small random weights, so the loss depends on every layer."""
-    for module in model.modules():
-        if isinstance(module, (DiTBlock, FinalLayer)):
-            layers = [module.adaLN_modulation] + ([module.linear] if isinstance(module, FinalLayer) else [])
-            for linear in layers:
-                for p in (linear.weight, linear.bias):
-                    p.copy_(torch.randn(p.shape, generator=generator) * std)
 
 
 def make_batches(
@@ -213,11 +187,6 @@ def peak_flops(args: argparse.Namespace, device: torch.device) -> float | None:
     if args.peak_flops is not None:
         return args.peak_flops
     return H100_BF16_DENSE_FLOPS if device.type == "cuda" else None
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class StepTimer:
@@ -373,7 +342,7 @@ def print_table(results: list[dict[str, Any]]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    cfg, size_label = model_config(args)
+    cfg, size_label = model_config(args, args.dropout)
     device = resolve_device(args.device)
     num_tokens = args.vocab_size + 1  # MASK is the last id
     objective = MaskedDiffusionObjective(LogLinearSchedule(1e-3), mask_id=args.vocab_size, rows_only=not args.full_logits)
