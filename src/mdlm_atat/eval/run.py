@@ -37,6 +37,7 @@ def load_for_inference(
     model.to(device).eval()
     meta = {
         "step": payload["state"]["step"],
+        "tokens_seen": payload["state"]["samples_seen"] * cfg.data.max_length,
         "config_hash": payload["config_hash"],
         "weights": "ema" if weights is payload.get("ema") else "raw",
     }
@@ -131,6 +132,7 @@ def _evaluate_loaded(
     return {
         **result.to_dict(),
         "step": meta["step"],
+        "tokens_seen": meta.get("tokens_seen"),  # training tokens behind these weights (not in an export)
         "config_hash": meta["config_hash"],
         "weights": meta["weights"],
         "checkpoint": str(path),

@@ -1,0 +1,570 @@
+"""Does ATAT help? Train MDLM and ATAT arms x seeds on the same data and tokens, score each with MDLM's uniform
+NELBO bound, and write docs/results.md from what the runs wrote (issue 9).
+
+    # on the GPU machine: every (arm, seed) job, one per GPU at a time
+    python benchmarks/study.py run --out study/prose_tiny --arms mdlm,atat --seeds 0,1
+    # here: the table, the curves and the conclusion, from the run folders alone
+    python benchmarks/study.py report --out benchmarks/results/study_prose_tiny --doc docs/results.md
+
+`run` trains each job with `atat train --config configs/study/prose_tiny.yaml` plus the arm's overrides (the
+ablation table of docs/ablations.md) and `training.seed`, on the four prose corpora of ../shared/corpora (sotu,
+brown, austen, kjv: their training splits, through a folder of links) with the GPT-2 tokenizer, then scores the
+final EMA weights with `atat eval` on each corpus's validation split and zero-shot on python_docs. A job whose
+eval.json exists is skipped and a job with a checkpoint is resumed, so the same command finishes a study over
+several sessions. Each run folder keeps what the runs wrote: config.yaml, metrics.jsonl (the validation curve),
+eval.json (bounds with the config hash, step and tokens), study.json (the exact commands and timings).
+
+`report` reads those files only; every number in docs/results.md comes from them.
+
+CPU smoke test (a minute; what tests/test_study.py runs):
+    python benchmarks/study.py run --out /tmp/study --gpus cpu --arms mdlm,atat --seeds 0 --num-t 2 \\
+        model.hidden_dim=32 model.num_layers=1 model.num_heads=2 data.max_length=64 training.total_steps=4 ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import queue
+import shlex
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = REPO / "configs" / "study" / "prose_tiny.yaml"
+PROSE = ("sotu", "brown", "austen", "kjv")  # trained on (train splits), scored on (validation splits)
+ZERO_SHOT = ("python_docs",)  # scored only: never seen in training
+BASELINE = "mdlm"
+
+# Each arm is a set of overrides on the study config (docs/ablations.md); everything else is shared.
+ARMS: dict[str, list[str]] = {
+    "mdlm": ["atat.enabled=false"],
+    "atat": [],  # the config's ATAT: importance mode full, importance masking, default curriculum, corrected loss
+    "learned_only": ["atat.importance_mode=learned_only"],
+    "frequency_only": ["atat.importance_mode=frequency_only"],
+    "importance_none": ["atat.importance_mode=none"],
+    "inverse": ["atat.masking=inverse"],
+    "balanced": ["atat.masking=balanced"],
+    "curriculum_early": ["curriculum.variant=early"],
+    "curriculum_late": ["curriculum.variant=late"],
+    "curriculum_none": ["curriculum.variant=none"],
+    "focus": ["atat.correction=false"],
+}
+
+
+class StudyError(RuntimeError):
+    """A problem the user can fix (missing corpora, unknown arm, no runs to report); the message says how."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# run
+
+
+@dataclass
+class Job:
+    arm: str
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.arm}-s{self.seed}"
+
+
+def cli(*args: str) -> list[str]:
+    """The `atat` command, run from this checkout's sources whether or not the package is installed."""
+    return [sys.executable, "-m", "mdlm_atat", *args]
+
+
+def shown(cmd: list[str]) -> str:
+    """A command as a reader would type it from the checkout: `python`, paths relative to the repository."""
+    text = shlex.join(["python", *cmd[1:]])
+    return text.replace(f"{REPO}/", "").replace(f"{REPO.parent}/shared/", "../shared/")
+
+
+def subprocess_env(device: str) -> dict[str, str]:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO / "src"), env.get("PYTHONPATH")) if p)
+    if device != "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = device
+    return env
+
+
+def link_corpora(corpora: Path, data_dir: Path) -> tuple[Path, dict[str, Path]]:
+    """A folder holding links to the four prose corpora (the training data) and the paths of every scored corpus."""
+    missing = [name for name in (*PROSE, *ZERO_SHOT) if not (corpora / f"{name}.jsonl").is_file()]
+    if missing:
+        raise StudyError(
+            f"--corpora {corpora}: no {', '.join(m + '.jsonl' for m in missing)} there; pass the folder of the "
+            "offline corpora (../shared/corpora beside the checkout)"
+        )
+    prose = data_dir / "prose"
+    prose.mkdir(parents=True, exist_ok=True)
+    for name in PROSE:
+        link = prose / f"{name}.jsonl"
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to((corpora / f"{name}.jsonl").resolve())
+    scored = {name: prose / f"{name}.jsonl" for name in PROSE}
+    scored.update({name: (corpora / f"{name}.jsonl").resolve() for name in ZERO_SHOT})
+    return prose, scored
+
+
+def run_logged(cmd: list[str], log: Path, env: dict[str, str]) -> tuple[int, float]:
+    clock = time.perf_counter()
+    with open(log, "a") as out:
+        out.write(f"$ {shown(cmd)}\n")
+        out.flush()
+        rc = subprocess.call(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    return rc, time.perf_counter() - clock
+
+
+def tail(path: Path, lines: int = 15) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.is_file() else ""
+
+
+def run_job(job: Job, device: str, args: argparse.Namespace, common: list[str], scored: dict[str, Path]) -> bool:
+    run_dir = args.out / "runs" / job.name
+    if (run_dir / "eval.json").is_file():
+        print(f"[{job.name}] done before (eval.json exists): skipped", flush=True)
+        return True
+    run_dir.mkdir(parents=True, exist_ok=True)
+    env = subprocess_env(device)
+    device_overrides = ["training.device=cpu"] if device == "cpu" else []
+    overrides = [*common, *ARMS[job.arm], f"training.seed={job.seed}", *device_overrides, *args.overrides]
+    train_cmd = cli("train", "--config", str(args.config), "--log-dir", str(run_dir), "--resume", *overrides)
+    print(f"[{job.name}] training on {device} ...", flush=True)
+    rc, train_s = run_logged(train_cmd, run_dir / "train.log", env)
+    if rc != 0:
+        print(f"[{job.name}] training failed (exit {rc}); the end of {run_dir / 'train.log'}:\n{tail(run_dir / 'train.log')}")
+        return False
+    entries = ",".join(f"{path}:validation" for path in scored.values())
+    eval_cmd = cli(
+        "eval", "--checkpoint", str(run_dir), "--datasets", entries, "--num-t", str(args.num_t),
+        "--device", "cpu" if device == "cpu" else "cuda", "--max-batches", str(args.max_batches),
+        "--output", str(run_dir / "eval.partial.json"),
+    )
+    print(f"[{job.name}] trained in {train_s:.0f} s; scoring ...", flush=True)
+    rc, eval_s = run_logged(eval_cmd, run_dir / "eval.log", env)
+    if rc != 0:
+        print(f"[{job.name}] evaluation failed (exit {rc}); the end of {run_dir / 'eval.log'}:\n{tail(run_dir / 'eval.log')}")
+        return False
+    record = {
+        "arm": job.arm,
+        "seed": job.seed,
+        "arm_overrides": ARMS[job.arm],
+        "device": device_name(device),
+        "torch": torch_version(),
+        "date": datetime.date.today().isoformat(),
+        "train_seconds": round(train_s, 1),
+        "eval_seconds": round(eval_s, 1),
+        "train_command": shown(train_cmd),
+        "eval_command": shown(eval_cmd),
+        "scored": {name: str(path) for name, path in scored.items()},
+    }
+    (run_dir / "study.json").write_text(json.dumps(record, indent=2) + "\n")
+    (run_dir / "eval.partial.json").replace(run_dir / "eval.json")  # last: marks the job done
+    print(f"[{job.name}] done: train {train_s:.0f} s, eval {eval_s:.0f} s", flush=True)
+    return True
+
+
+def device_name(device: str) -> str:
+    import torch
+
+    if device == "cpu" or not torch.cuda.is_available():
+        return "cpu"
+    return torch.cuda.get_device_name(int(device))
+
+
+def torch_version() -> str:
+    import torch
+
+    return torch.__version__
+
+
+def visible_gpus() -> list[str]:
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())] or ["cpu"]
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    unknown = [arm for arm in args.arms if arm not in ARMS]
+    if unknown:
+        raise StudyError(f"--arms: unknown arm {', '.join(unknown)}; choose from {', '.join(ARMS)}")
+    if not args.config.is_file():
+        raise StudyError(f"--config {args.config}: no such file")
+    tokenizer = args.tokenizer.resolve()
+    if not (tokenizer / "vocab.json").is_file():
+        raise StudyError(f"--tokenizer {args.tokenizer}: no GPT-2 vocab.json there; pass ../shared/tokenizers/gpt2")
+    args.out.mkdir(parents=True, exist_ok=True)
+    prose, scored = link_corpora(args.corpora, args.out / "data")
+    cache = args.out / "cache"
+    common = [f"data.dataset_name={prose}", f"data.tokenizer={tokenizer}", f"data.cache_dir={cache}"]
+    devices = args.gpus or visible_gpus()
+
+    # Tokenize every corpus once before the jobs start, so that parallel jobs only read the stores.
+    prepare = cli(
+        "prepare", "--config", str(args.config), "--datasets", ",".join([str(prose), *map(str, scored.values())]),
+        "--splits", "train,validation", "--no-progress", *common, *args.overrides,
+    )
+    rc, prepare_s = run_logged(prepare, args.out / "prepare.log", subprocess_env("cpu"))
+    if rc != 0:
+        raise StudyError(f"tokenizing the corpora failed; the end of {args.out / 'prepare.log'}:\n{tail(args.out / 'prepare.log')}")
+    print(
+        f"stores ready in {prepare_s:.0f} s; {len(args.arms) * len(args.seeds)} jobs on {', '.join(devices)}, "
+        f"{args.jobs_per_gpu} at a time on each",
+        flush=True,
+    )
+
+    jobs: queue.Queue[Job] = queue.Queue()
+    for seed in args.seeds:  # seed-major: an interrupted study holds whole seeds of every arm
+        for arm in args.arms:
+            jobs.put(Job(arm, seed))
+    failed: list[str] = []
+
+    def worker(device: str) -> None:
+        while True:
+            try:
+                job = jobs.get_nowait()
+            except queue.Empty:
+                return
+            if not run_job(job, device, args, common, scored):
+                failed.append(job.name)
+
+    threads = [threading.Thread(target=worker, args=(device,)) for device in devices for _ in range(args.jobs_per_gpu)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    (args.out / "study_run.json").write_text(
+        json.dumps({"command": shown([sys.executable, *sys.argv]),
+                    "date": datetime.datetime.now().isoformat(timespec="seconds"),
+                    "devices": [device_name(d) for d in devices], "failed": failed}, indent=2) + "\n"
+    )
+    if failed:
+        print(f"failed: {', '.join(failed)} (their logs are in the run folders); the same command retries them")
+        return 1
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# report
+
+
+@dataclass
+class Run:
+    arm: str
+    seed: int
+    folder: Path
+    study: dict[str, Any]
+    evals: dict[str, dict[str, Any]]  # corpus name -> atat eval's JSON
+    curve: tuple[list[float], list[float]]  # (tokens seen, validation NELBO) of the trainer's evaluations
+    records: Any = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def nelbo(self, corpus: str) -> float:
+        return self.evals[corpus]["nelbo"]
+
+    @property
+    def prose_nelbo(self) -> float:
+        """The four prose corpora together: their NELBOs weighted by scored tokens (a pooled bound per token)."""
+        num = sum(self.evals[c]["nelbo"] * self.evals[c]["num_tokens"] for c in PROSE)
+        return num / sum(self.evals[c]["num_tokens"] for c in PROSE)
+
+    @property
+    def tokens(self) -> int:
+        return self.evals[PROSE[0]]["tokens_seen"]
+
+
+def load_runs(out: Path) -> list[Run]:
+    sys.path.insert(0, str(REPO / "src"))
+    from mdlm_atat.viz.report import read_metrics
+
+    runs = []
+    for study_file in sorted((out / "runs").glob("*/study.json")):
+        folder = study_file.parent
+        eval_file = folder / "eval.json"
+        if not eval_file.is_file():
+            continue
+        study = json.loads(study_file.read_text())
+        raw = json.loads(eval_file.read_text())
+        evals = {Path(entry.rsplit(":", 1)[0]).stem: result for entry, result in raw.items()}
+        missing = [c for c in (*PROSE, *ZERO_SHOT) if c not in evals]
+        if missing:
+            raise StudyError(f"{eval_file}: no result for {', '.join(missing)}; re-run its job")
+        records = read_metrics(folder)
+        steps, values = records.series("val", "val_nelbo")
+        curve = (records.tokens_at(steps), values)
+        runs.append(Run(study["arm"], study["seed"], folder, study, evals, curve, records))
+    if not runs:
+        raise StudyError(f"{out}/runs: no finished run (a folder with study.json and eval.json); run the study first")
+    return runs
+
+
+def mean_sd(values: list[float]) -> tuple[float, float | None]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def fmt_mean_sd(values: list[float], digits: int = 3) -> str:
+    mean, sd = mean_sd(values)
+    return f"{mean:.{digits}f}" + (f" ± {sd:.{digits}f}" if sd is not None else "")
+
+
+def crossing(curve: tuple[list[float], list[float]], target: float) -> float | None:
+    """Tokens at which a validation curve first reaches `target` (linear between evaluations), or None."""
+    tokens, values = curve
+    for i, (x, y) in enumerate(zip(tokens, values)):
+        if y <= target:
+            if i == 0:
+                return x
+            x0, y0 = tokens[i - 1], values[i - 1]
+            return x0 + (x - x0) * (y0 - target) / (y0 - y)
+    return None
+
+
+def by_arm(runs: list[Run]) -> dict[str, list[Run]]:
+    arms: dict[str, list[Run]] = {}
+    for arm in ARMS:  # the order of ARMS: baseline first
+        chosen = sorted((r for r in runs if r.arm == arm), key=lambda r: r.seed)
+        if chosen:
+            arms[arm] = chosen
+    return arms
+
+
+def plot_curves(arms: dict[str, list[Run]], path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11.0, 4.0), dpi=100, layout="constrained")
+    full, zoom = fig.subplots(1, 2)
+    colours = {}
+    for i, (arm, runs) in enumerate(arms.items()):
+        colours[arm] = f"C{i}"
+        for ax in (full, zoom):
+            for j, run in enumerate(runs):
+                tokens, values = run.curve
+                label = f"{arm} (seed {run.seed})" if ax is full else None
+                ax.plot([t / 1e6 for t in tokens], values, color=colours[arm], alpha=0.85,
+                        linestyle=("-", "--", ":", "-.")[j % 4], label=label)
+    last = [v for runs in arms.values() for r in runs for v in r.curve[1][len(r.curve[1]) // 2:]]
+    if last:
+        zoom.set_ylim(min(last) - 0.02, max(last) + 0.02)
+        zoom.set_xlim(max(r.curve[0][len(r.curve[0]) // 2] for runs in arms.values() for r in runs) / 1e6, None)
+    full.set_title("Validation bound during training (prose validation, EMA weights)")
+    zoom.set_title("Second half, zoomed")
+    for ax in (full, zoom):
+        ax.set_xlabel("training tokens (millions)")
+        ax.set_ylabel("NELBO, nats per token")
+        ax.grid(alpha=0.3)
+    full.legend(fontsize=8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+
+
+def verdict(arm: str, runs: list[Run], base: list[Run]) -> tuple[str, float, float | None]:
+    """A plain sentence on arm vs the baseline's pooled prose bound, with the difference and its standard error."""
+    a, b = [r.prose_nelbo for r in runs], [r.prose_nelbo for r in base]
+    diff = statistics.fmean(a) - statistics.fmean(b)
+    se = math.sqrt(statistics.variance(a) / len(a) + statistics.variance(b) / len(b)) if len(a) > 1 and len(b) > 1 else None
+    ppl = math.exp(diff) - 1
+    direction = "lower (better)" if diff < 0 else "higher (worse)"
+    text = (f"{arm}'s pooled prose bound is {abs(diff):.4f} nats per token {direction} than MDLM's "
+            f"(perplexity bound {ppl * 100:+.2f}%)")
+    if se is None:
+        text += "; one seed of either side, so no spread to compare it with"
+    elif abs(diff) > 2 * se:
+        text += f", more than twice the seed-to-seed standard error of the difference ({se:.4f})"
+    else:
+        text += f", within twice the seed-to-seed standard error of the difference ({se:.4f}): no measurable difference"
+    return text, diff, se
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    runs = load_runs(args.out)
+    arms = by_arm(runs)
+    doc: Path = args.doc
+    image = args.images / "results_curves.png"
+    plot_curves(arms, image)
+    image_link = os.path.relpath(image, doc.parent)
+    first = runs[0]
+    cfg_text = (first.folder / "config.yaml").read_text() if (first.folder / "config.yaml").is_file() else ""
+    devices = sorted({r.study["device"] for r in runs})
+    dates = sorted({r.study["date"] for r in runs})
+
+    lines = [
+        "# Does ATAT help? MDLM vs ATAT on the prose corpora",
+        "",
+        f"Written by `python benchmarks/study.py report --out {args.out} --doc {doc}` from the run folders in "
+        f"`{args.out}/runs` (each holds the config.yaml, metrics.jsonl, eval.json and study.json its run wrote); "
+        "do not edit by hand.",
+        "",
+        "## Setup",
+        "",
+        f"- Runs: {len(runs)} ({', '.join(f'{arm} x {len(rs)} seeds' for arm, rs in arms.items())}), on "
+        f"{', '.join(devices)}, {', '.join(dates)}, torch {first.study['torch']}.",
+        "- Data: the training splits of sotu, brown, austen and kjv (../shared/corpora; 4.8M GPT-2 tokens), packed "
+        "into 1024-token blocks; the same data order for every arm at one seed.",
+        f"- Every arm trains the same model for the same steps and tokens ({first.tokens / 1e6:.1f}M); arms differ "
+        "only in the overrides listed below (docs/ablations.md). Config: `configs/study/prose_tiny.yaml`.",
+        f"- Scored: MDLM's uniform-masking NELBO bound (nats per token, an upper bound on the NLL), "
+        f"{first.evals[PROSE[0]]['num_t']} stratified t per sequence, final EMA weights, on each corpus's validation "
+        "split, and zero-shot on python_docs (reStructuredText: never trained on). The curves are the trainer's "
+        "periodic bound on the pooled prose validation split (4 t per sequence).",
+        "- Spread: ± is the sample standard deviation over seeds.",
+        "",
+        "## Final bound (nats per token; lower is better)",
+        "",
+        "| arm | overrides | seeds | " + " | ".join(PROSE) + " | prose (pooled) | prose PPL bound | python_docs (zero-shot) |",
+        "| --- | --- | ---: | " + " | ".join("---:" for _ in PROSE) + " | ---: | ---: | ---: |",
+    ]
+    for arm, rs in arms.items():
+        cells = [fmt_mean_sd([r.nelbo(c) for r in rs]) for c in PROSE]
+        pooled = [r.prose_nelbo for r in rs]
+        ppl = fmt_mean_sd([math.exp(v) for v in pooled], 1)
+        overrides = " ".join(f"`{o}`" for o in ARMS[arm]) or "(the config's)"
+        lines.append(
+            f"| {arm} | {overrides} | {len(rs)} | " + " | ".join(cells)
+            + f" | **{fmt_mean_sd(pooled, 4)}** | {ppl} | {fmt_mean_sd([r.nelbo('python_docs') for r in rs])} |"
+        )
+    lines += ["", "Per run (pooled prose bound, its standard error over sequences, python_docs):", ""]
+    lines += ["| run | prose | stderr | python_docs | config hash | step | tokens | train s | tokens/s (median) |",
+              "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
+    for arm, rs in arms.items():
+        for r in rs:
+            stderr = math.sqrt(sum((r.evals[c]["stderr"] * r.evals[c]["num_tokens"]) ** 2 for c in PROSE)) / sum(
+                r.evals[c]["num_tokens"] for c in PROSE)
+            speeds = [x["tokens_per_s"] for x in r.records.get("train") if x.get("tokens_per_s")]
+            lines.append(
+                f"| {r.folder.name} | {r.prose_nelbo:.4f} | {stderr:.4f} | {r.nelbo('python_docs'):.4f} | "
+                f"`{r.evals[PROSE[0]]['config_hash']}` | {r.evals[PROSE[0]]['step']} | {r.tokens:,} | "
+                f"{r.study['train_seconds']:.0f} | {statistics.median(speeds) if speeds else float('nan'):,.0f} |"
+            )
+
+    lines += ["", "## Curves", "", f"![validation bound vs training tokens]({image_link})", ""]
+    base = arms.get(BASELINE)
+    conclusions = []
+    if base:
+        target = statistics.fmean(r.curve[1][-1] for r in base)
+        total = statistics.fmean(r.curve[0][-1] for r in base)
+        lines += [
+            "## Tokens to reach MDLM's final bound",
+            "",
+            f"MDLM's final trainer-side validation bound, averaged over its seeds: {target:.4f} nats per token after "
+            f"{total / 1e6:.1f}M tokens. The first point where each run's curve reaches it (linear between "
+            "evaluations):",
+            "",
+            "| run | tokens to reach it | fraction of MDLM's tokens |",
+            "| --- | ---: | ---: |",
+        ]
+        for arm, rs in arms.items():
+            for r in rs:
+                x = crossing(r.curve, target)
+                lines.append(f"| {r.folder.name} | {'not reached' if x is None else f'{x / 1e6:.1f}M'} | "
+                             f"{'-' if x is None else f'{x / total:.2f}'} |")
+        for arm, rs in arms.items():
+            if arm != BASELINE:
+                conclusions.append(verdict(arm, rs, base)[0])
+    atat_rows = [(arm, rs) for arm, rs in arms.items() if any(r.records.get("atat_val") for r in rs)]
+    if atat_rows:
+        lines += [
+            "",
+            "## What the estimator learned (last evaluation)",
+            "",
+            "Spearman correlation, within each sequence, between a token's importance and the denoiser's observed "
+            "loss on it, next to the unigram-surprisal baseline's (`atat_val` records):",
+            "",
+            "| arm | estimator | unigram baseline |",
+            "| --- | ---: | ---: |",
+        ]
+        for arm, rs in atat_rows:
+            est = [r.records.get("atat_val")[-1]["spearman_estimator"] for r in rs]
+            uni = [r.records.get("atat_val")[-1]["spearman_frequency_baseline"] for r in rs]
+            lines.append(f"| {arm} | {fmt_mean_sd(est)} | {fmt_mean_sd(uni)} |")
+    lines += ["", "## Conclusion", ""]
+    lines += [f"- {c}." for c in conclusions] or ["- No MDLM baseline among the runs: nothing to compare."]
+    lines += [
+        "",
+        "These are small models trained for minutes on 4.8M tokens; what holds here need not hold at OpenWebText "
+        "scale, in either direction.",
+        "",
+        "## Commands",
+        "",
+        "```bash",
+        *([json.loads((args.out / "study_run.json").read_text())["command"]]
+          if (args.out / "study_run.json").is_file() else []),
+        f"python benchmarks/study.py report --out {args.out} --doc {doc}",
+        "```",
+        "",
+        "Each run's own commands (training, then scoring), from its study.json:",
+        "",
+        "```bash",
+    ]
+    for rs in arms.values():
+        for r in rs:
+            lines += [r.study["train_command"], r.study["eval_command"]]
+    lines += ["```", "", "The study config, as the first run saved it:", "", "```yaml", cfg_text.rstrip(), "```", ""]
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text("\n".join(lines))
+    print(f"wrote {doc} and {image}")
+    for c in conclusions:
+        print(c)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="verb", required=True)
+    r = sub.add_parser("run", help="train and score every (arm, seed) job not yet done")
+    r.add_argument("--out", type=Path, required=True, help="study folder: runs/<arm>-s<seed>, data links, caches")
+    r.add_argument("--arms", default="mdlm,atat", help=f"comma-separated, from: {', '.join(ARMS)}")
+    r.add_argument("--seeds", default="0,1", help="comma-separated training seeds")
+    r.add_argument("--gpus", help="comma-separated CUDA device indices, one job on each at a time, or 'cpu' "
+                                  "(default: every visible GPU, else the CPU)")
+    r.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    r.add_argument("--corpora", type=Path, default=REPO.parent / "shared" / "corpora")
+    r.add_argument("--tokenizer", type=Path, default=REPO.parent / "shared" / "tokenizers" / "gpt2")
+    r.add_argument("--num-t", type=int, default=16, help="stratified t per sequence in the final scoring")
+    r.add_argument("--max-batches", type=int, default=0, help="score at most this many batches per corpus (0 = all)")
+    r.add_argument("--jobs-per-gpu", type=int, default=1,
+                   help="jobs sharing one device at a time (2 overlaps one job's compilation and evaluation with "
+                        "the other's training)")
+    r.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every job (e.g. for a smoke test)")
+    rep = sub.add_parser("report", help="write the results page from the finished run folders")
+    rep.add_argument("--out", type=Path, required=True, help="the study folder given to run")
+    rep.add_argument("--doc", type=Path, default=REPO / "docs" / "results.md")
+    rep.add_argument("--images", type=Path, help="where the PNG goes (default: docs/images beside --doc)")
+    args = p.parse_args(argv)
+    if args.verb == "run":
+        args.arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+        try:
+            args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+        except ValueError:
+            p.error(f"--seeds: integers, comma-separated (got {args.seeds!r})")
+        args.gpus = [g.strip() for g in args.gpus.split(",")] if args.gpus else None
+    else:
+        args.images = args.images or args.doc.parent / "images"
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        return cmd_run(args) if args.verb == "run" else cmd_report(args)
+    except StudyError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

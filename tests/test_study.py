@@ -1,0 +1,113 @@
+"""The ATAT-vs-MDLM study script (benchmarks/study.py): a real two-arm run on CPU, its report, and its pieces."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+from test_data import GPT2, SHARED, needs_shared
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+import study  # noqa: E402
+
+SMOKE = [
+    "model.size=null", "model.hidden_dim=32", "model.num_layers=1", "model.num_heads=2", "model.cond_dim=16",
+    "data.max_length=64", "data.batch_size=4", "data.num_workers=0", "training.total_steps=4",
+    "training.warmup_steps=1", "training.eval_every_n_steps=2", "training.eval_batches=1",
+    "training.log_every_n_steps=1", "training.compile=false", "training.mixed_precision=fp32",
+    "atat.estimator_warmup_steps=1", "atat.estimator_hidden_dim=16", "atat.estimator_num_heads=2",
+    "atat.estimator_cond_dim=16", "atat.diagnostics_batches=1",
+]
+
+
+def small_corpora(folder: Path) -> Path:
+    """The first documents of each split of the real corpora: the study's files, small enough for a test."""
+    folder.mkdir()
+    for name in (*study.PROSE, *study.ZERO_SHOT):
+        kept, per_split = [], {"train": 0, "validation": 0}
+        with open(SHARED / "corpora" / f"{name}.jsonl") as f:
+            for line in f:
+                split = json.loads(line)["split"]
+                if per_split.get(split, 99) < 3:
+                    per_split[split] += 1
+                    kept.append(line)
+                if all(n >= 3 for n in per_split.values()):
+                    break
+        (folder / f"{name}.jsonl").write_text("".join(kept))
+    return folder
+
+
+@needs_shared
+@pytest.mark.slow
+def test_study_runs_two_arms_and_reports_what_they_wrote(tmp_path, capsys):
+    corpora, out, doc = small_corpora(tmp_path / "corpora"), tmp_path / "study", tmp_path / "docs" / "results.md"
+    args = ["run", "--out", str(out), "--gpus", "cpu", "--arms", "mdlm,atat", "--seeds", "0", "--num-t", "2",
+            "--max-batches", "1", "--corpora", str(corpora), "--tokenizer", str(GPT2), *SMOKE]
+    assert study.main(args) == 0
+    for arm in ("mdlm", "atat"):
+        run = out / "runs" / f"{arm}-s0"
+        record = json.loads((run / "study.json").read_text())
+        assert record["arm"] == arm and record["train_command"].startswith("python -m mdlm_atat train")
+        evals = json.loads((run / "eval.json").read_text())
+        assert len(evals) == 5 and all(r["step"] == 4 and r["tokens_seen"] == 4 * 4 * 64 for r in evals.values())
+    assert "atat.enabled=false" in json.loads((out / "runs" / "mdlm-s0" / "study.json").read_text())["train_command"]
+    assert "enabled: false" in (out / "runs" / "mdlm-s0" / "config.yaml").read_text()
+    assert "enabled: false" not in (out / "runs" / "atat-s0" / "config.yaml").read_text()
+
+    assert study.main(args) == 0  # the same command again: every job is done, nothing re-runs
+    assert capsys.readouterr().out.count("skipped") == 2
+
+    assert study.main(["report", "--out", str(out), "--doc", str(doc)]) == 0
+    text = doc.read_text()
+    runs = {r.arm: r for r in study.load_runs(out)}
+    assert f"| mdlm-s0 | {runs['mdlm'].prose_nelbo:.4f} |" in text
+    assert f"| atat-s0 | {runs['atat'].prose_nelbo:.4f} |" in text
+    assert "## Conclusion" in text and "atat's pooled prose bound is" in text
+    assert (doc.parent / "images" / "results_curves.png").stat().st_size > 10_000
+
+
+def test_pooled_prose_bound_weights_corpora_by_tokens():
+    evals = {c: {"nelbo": 1.0, "num_tokens": 100} for c in study.PROSE}
+    evals["sotu"] = {"nelbo": 4.0, "num_tokens": 300}
+    run = study.Run("atat", 0, Path("."), {}, evals, ([], []))
+    assert run.prose_nelbo == pytest.approx((4.0 * 300 + 3 * 100) / 600)
+
+
+def test_crossing_interpolates_between_evaluations():
+    curve = ([0.0, 10.0, 20.0, 30.0], [5.0, 4.0, 3.0, 2.5])
+    assert study.crossing(curve, 3.5) == pytest.approx(15.0)
+    assert study.crossing(curve, 5.5) == 0.0
+    assert study.crossing(curve, 2.0) is None
+
+
+def test_verdict_compares_the_difference_with_the_seed_spread():
+    def runs(arm, values):
+        return [study.Run(arm, i, Path("."), {}, {c: {"nelbo": v, "num_tokens": 1} for c in study.PROSE}, ([], []))
+                for i, v in enumerate(values)]
+
+    text, diff, se = study.verdict("atat", runs("atat", [3.00, 3.02]), runs("mdlm", [3.10, 3.12]))
+    assert diff == pytest.approx(-0.10) and se == pytest.approx(math.sqrt(2 * 0.0002 / 2))
+    assert "lower (better)" in text and "more than twice" in text
+    text, _, _ = study.verdict("atat", runs("atat", [3.10, 3.14]), runs("mdlm", [3.11, 3.12]))
+    assert "no measurable difference" in text
+
+
+def test_missing_corpora_is_one_clear_error(tmp_path, capsys):
+    assert study.main(["run", "--out", str(tmp_path / "s"), "--corpora", str(tmp_path), "--gpus", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --corpora") and "sotu.jsonl" in err and "../shared/corpora" in err
+
+
+def test_unknown_arm_names_the_choices(tmp_path, capsys):
+    assert study.main(["run", "--out", str(tmp_path / "s"), "--arms", "mdlm,fancy", "--gpus", "cpu"]) == 2
+    assert "unknown arm fancy" in capsys.readouterr().err
+
+
+def test_report_without_runs_says_to_run_first(tmp_path, capsys):
+    assert study.main(["report", "--out", str(tmp_path)]) == 2
+    assert "run the study first" in capsys.readouterr().err
