@@ -245,11 +245,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         thread.start()
     for thread in threads:
         thread.join()
-    (args.out / "study_run.json").write_text(
-        json.dumps({"command": shown([sys.executable, *sys.argv]),
-                    "date": datetime.datetime.now().isoformat(timespec="seconds"),
-                    "devices": [device_name(d) for d in devices], "failed": failed}, indent=2) + "\n"
-    )
+    log = args.out / "study_run.json"  # every invocation of `run` on this study folder, in order
+    invocations = json.loads(log.read_text())["invocations"] if log.is_file() else []
+    invocations.append({
+        "command": shown([sys.executable, *sys.argv]),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "devices": [device_name(d) for d in devices],
+        "jobs_per_gpu": args.jobs_per_gpu,
+        "failed": failed,
+    })
+    log.write_text(json.dumps({"invocations": invocations}, indent=2) + "\n")
     if failed:
         print(f"failed: {', '.join(failed)} (their logs are in the run folders); the same command retries them")
         return 1
@@ -396,13 +401,17 @@ def cmd_report(args: argparse.Namespace) -> int:
     image_link = os.path.relpath(image, doc.parent)
     first = runs[0]
     cfg_text = (first.folder / "config.yaml").read_text() if (first.folder / "config.yaml").is_file() else ""
+    log = args.out / "study_run.json"
+    invocations = json.loads(log.read_text())["invocations"] if log.is_file() else []
     devices = sorted({r.study["device"] for r in runs})
     dates = sorted({r.study["date"] for r in runs})
 
+    report_cmd = f"python benchmarks/study.py report --out {args.out} --doc {doc}" + (
+        f" --discussion {args.discussion}" if args.discussion else "")
     lines = [
         "# Does ATAT help? MDLM vs ATAT on the prose corpora",
         "",
-        f"Written by `python benchmarks/study.py report --out {args.out} --doc {doc}` from the run folders in "
+        f"Written by `{report_cmd}` from the run folders in "
         f"`{args.out}/runs` (each holds the config.yaml, metrics.jsonl, eval.json and study.json its run wrote); "
         "do not edit by hand.",
         "",
@@ -419,6 +428,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         "split, and zero-shot on python_docs (reStructuredText: never trained on). The curves are the trainer's "
         "periodic bound on the pooled prose validation split (4 t per sequence).",
         "- Spread: ± is the sample standard deviation over seeds.",
+        "- Timings (train s, tokens/s) are each run's own, measured while other jobs of the study may have shared "
+        "its GPU (`--jobs-per-gpu` in the commands below): they are not single-run speeds.",
         "",
         "## Final bound (nats per token; lower is better)",
         "",
@@ -461,17 +472,35 @@ def cmd_report(args: argparse.Namespace) -> int:
             f"{total / 1e6:.1f}M tokens. The first point where each run's curve reaches it (linear between "
             "evaluations):",
             "",
-            "| run | tokens to reach it | fraction of MDLM's tokens |",
-            "| --- | ---: | ---: |",
+            f"| run | tokens to reach it | fraction of MDLM's tokens | tokens to first go below {args.plateau} |",
+            "| --- | ---: | ---: | ---: |",
         ]
         for arm, rs in arms.items():
             for r in rs:
-                x = crossing(r.curve, target)
+                x, below = crossing(r.curve, target), crossing(r.curve, args.plateau)
                 lines.append(f"| {r.folder.name} | {'not reached' if x is None else f'{x / 1e6:.1f}M'} | "
-                             f"{'-' if x is None else f'{x / total:.2f}'} |")
+                             f"{'-' if x is None else f'{x / total:.2f}'} | "
+                             f"{'not reached' if below is None else f'{below / 1e6:.1f}M'} |")
+        lines += ["", f"The last column marks when a run's curve leaves the level it lingers at early on (see the "
+                  f"curves): the first point below {args.plateau} nats per token (`--plateau`)."]
+        base_by_seed = {r.seed: r.prose_nelbo for r in base}
         for arm, rs in arms.items():
-            if arm != BASELINE:
-                conclusions.append(verdict(arm, rs, base)[0])
+            if arm == BASELINE:
+                continue
+            text = verdict(arm, rs, base)[0]
+            paired = [f"{r.prose_nelbo - base_by_seed[r.seed]:+.3f} (seed {r.seed})" for r in rs if r.seed in base_by_seed]
+            if paired:
+                text += (f". Seed by seed (same initial weights and data order), {arm} minus MDLM: "
+                         + ", ".join(paired))
+            conclusions.append(text)
+        drops = {arm: [r.curve[1][-2] - r.curve[1][-1] for r in rs if len(r.curve[1]) > 1] for arm, rs in arms.items()}
+        if all(drops.values()):
+            interval = (base[0].curve[0][-1] - base[0].curve[0][-2]) / 1e6
+            conclusions.append(
+                f"Over the last evaluation interval ({interval:.1f}M tokens) the validation bound still fell by "
+                + ", ".join(f"{statistics.fmean(d):.3f} ({arm})" for arm, d in drops.items())
+                + " nats per token on average: the runs had not converged when they stopped"
+            )
     atat_rows = [(arm, rs) for arm, rs in arms.items() if any(r.records.get("atat_val") for r in rs)]
     if atat_rows:
         lines += [
@@ -494,13 +523,14 @@ def cmd_report(args: argparse.Namespace) -> int:
         "",
         "These are small models trained for minutes on 4.8M tokens; what holds here need not hold at OpenWebText "
         "scale, in either direction.",
+        *(["", "## Discussion (written by hand, from the numbers above)", "", args.discussion.read_text().strip()]
+          if args.discussion else []),
         "",
         "## Commands",
         "",
         "```bash",
-        *([json.loads((args.out / "study_run.json").read_text())["command"]]
-          if (args.out / "study_run.json").is_file() else []),
-        f"python benchmarks/study.py report --out {args.out} --doc {doc}",
+        *[i["command"] for i in invocations],
+        report_cmd,
         "```",
         "",
         "Each run's own commands (training, then scoring), from its study.json:",
@@ -544,6 +574,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     rep.add_argument("--out", type=Path, required=True, help="the study folder given to run")
     rep.add_argument("--doc", type=Path, default=REPO / "docs" / "results.md")
     rep.add_argument("--images", type=Path, help="where the PNG goes (default: docs/images beside --doc)")
+    rep.add_argument("--plateau", type=float, default=6.5,
+                     help="a bound level; the report gives the tokens each run took to first go below it")
+    rep.add_argument("--discussion", type=Path, help="a markdown file of interpretation to include, marked as such")
     args = p.parse_args(argv)
     if args.verb == "run":
         args.arms = [a.strip() for a in args.arms.split(",") if a.strip()]
