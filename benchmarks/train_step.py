@@ -6,6 +6,12 @@ objective's forward (uniform masking, DiT, SUBS loss) under bf16 autocast on CUD
 data loader are left out. In the `compiled` variant only the DiT is compiled, as training would compile it; the
 loss (boolean indexing over the masked rows) stays eager.
 
+`--loss` picks how the SUBS loss meets the output layer: `fused` (the default, as training) hands the masked
+rows' targets and weights to the DiT, whose output layer computes the loss and its gradient chunk by chunk
+without the (M, V) logits (diffusion/fused_loss.py); `rows` projects the masked rows to (M, V) logits and takes
+the loss from them; `full` projects every position to (B, L, V) logits (the plain path; `--full-logits` is an
+alias).
+
 Reported per variant: median step time, tokens/s = batch * seq_len / median step time, peak GPU memory, the
 parameter count, and MFU = achieved FLOP/s / --peak-flops, with
 
@@ -64,6 +70,12 @@ from mdlm_atat.train.optim import build_optimizer
 from common import model_config, move_zero_init_off_zero, synchronize  # noqa: E402 (benchmarks/ is on sys.path when run as a script)
 
 VARIANTS = ("eager", "compiled", "atat", "atat-compiled")
+LOSS_PATHS = ("fused", "rows", "full")
+LOSS_PATH_NAMES = {
+    "fused": "fused with the output layer, masked rows only (no logits)",
+    "rows": "logits of the masked rows only",
+    "full": "logits of every position",
+}
 H100_BF16_DENSE_FLOPS = 989e12  # H100 SXM datasheet, bf16 tensor cores without sparsity (the H200's is the same)
 LOSS_RTOL = 2e-2  # bf16 keeps 8 mantissa bits: ~4e-3 per rounding
 NUM_DISTINCT_BATCHES = 4  # cycled, so that no step reuses the previous step's masks
@@ -102,10 +114,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
-        "--full-logits",
-        action="store_true",
-        help="project every position to the vocabulary (the plain path); default: only the masked rows, as training",
+        "--loss",
+        choices=LOSS_PATHS,
+        default="fused",
+        help="fused: the loss fused with the output layer, as training; rows: (M, V) logits of the masked rows; "
+        "full: (B, L, V) logits of every position",
     )
+    p.add_argument("--full-logits", dest="loss", action="store_const", const="full", help="alias of --loss full")
     p.add_argument(
         "--sdpa",
         choices=("default", "cudnn", "flash", "efficient", "math"),
@@ -345,7 +360,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg, size_label = model_config(args, args.dropout)
     device = resolve_device(args.device)
     num_tokens = args.vocab_size + 1  # MASK is the last id
-    objective = MaskedDiffusionObjective(LogLinearSchedule(1e-3), mask_id=args.vocab_size, rows_only=not args.full_logits)
+    objective = MaskedDiffusionObjective(
+        LogLinearSchedule(1e-3), mask_id=args.vocab_size, rows_only=args.loss == "rows", fused=args.loss == "fused"
+    )
 
     torch.manual_seed(args.seed)
     reference = DiT(cfg, num_tokens)  # built on CPU once, so every variant starts from the same weights
@@ -363,14 +380,14 @@ def main(argv: list[str] | None = None) -> int:
         f"{precision_name(device, 'bf16')} on {device} ({device_name}), torch {torch.__version__}"
     )
     print(f"FLOP per token = {FLOPS_FORMULA} = {flops / 1e9:.3f} GFLOP")
-    print(f"logits: {'every position' if args.full_logits else 'masked rows only'}; SDPA backend: {args.sdpa}")
+    print(f"loss: {LOSS_PATH_NAMES[args.loss]}; SDPA backend: {args.sdpa}")
 
     results = []
     for variant in args.variants:
         print(f"[{variant}] running ...", flush=True)
         with sdpa_backend(args.sdpa):
             results.append(run_variant(variant, reference, cfg, objective, batches, args, device))
-        results[-1].update(sdpa=args.sdpa, full_logits=args.full_logits)
+        results[-1].update(sdpa=args.sdpa, loss=args.loss)
         r = results[-1]
         print(f"[{variant}] loss on the first batch (eval mode): {r['loss_first_batch']:.6f}", flush=True)
 

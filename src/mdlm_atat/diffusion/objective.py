@@ -7,6 +7,11 @@ SUBS (Sahoo et al. 2024, section 3.2): the MASK logit is -inf, so log p is a log
 tokens; a position that is not masked in x_t carries its token over with log p = 0, so it adds nothing to the
 loss. We therefore evaluate the log-softmax only at masked positions, which gives exactly SUBS's loss without
 building the (B, L, V) SUBS tensor.
+
+Three paths compute the same loss: the denoiser's full (B, L, V) logits (any denoiser); `rows_only`, the
+masked rows' (M, V) logits (the DiT); `fused`, where the DiT's output layer takes the targets and weights computed
+here and returns the weighted sum and each row's NLL without ever holding the (M, V) logits
+(diffusion/fused_loss.py). Weighting and the reduction's denominator stay here on every path.
 """
 
 from __future__ import annotations
@@ -23,7 +28,10 @@ Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t (B, L), 
 
 @dataclass
 class NelboTerms:
-    """The NELBO estimate of one batch, as named terms (nats)."""
+    """The NELBO estimate of one batch, as named terms (nats).
+
+    Gradients flow through `loss` and `nll_sum` only: on the fused path `token_loss` and `token_nll` are detached.
+    """
 
     loss: torch.Tensor  # scalar: nll_sum / num_tokens, nats per token; what training minimises
     nll_sum: torch.Tensor  # scalar: sum over masked positions of weight * -log p(x0_i | x_t)
@@ -62,11 +70,20 @@ def masked_token_nll(logits: torch.Tensor, x0: torch.Tensor, masked: torch.Tenso
 class MaskedDiffusionObjective:
     """Uniform (MDLM) masking and the continuous-time NELBO in nats per token."""
 
-    def __init__(self, schedule: LogLinearSchedule, mask_id: int, antithetic: bool = True, rows_only: bool = False):
+    def __init__(
+        self,
+        schedule: LogLinearSchedule,
+        mask_id: int,
+        antithetic: bool = True,
+        rows_only: bool = False,
+        fused: bool = False,
+    ):
         self.schedule = schedule
         self.mask_id = mask_id
         self.antithetic = antithetic
-        self.rows_only = rows_only  # call model(x_t, noise, rows=masked): the DiT supports it, test fakes need not
+        # The DiT supports both; test fakes that return (B, L, V) logits need neither.
+        self.rows_only = rows_only  # call model(x_t, noise, rows=masked): (M, V) logits
+        self.fused = fused  # call model(..., rows=masked, targets=, token_weights=): (loss_sum, nll), no logits
 
     def sample_t(self, num: int, device: torch.device | str, generator: torch.Generator | None = None):
         return self.schedule.sample_t(num, device=device, antithetic=self.antithetic, generator=generator)
@@ -115,20 +132,30 @@ class MaskedDiffusionObjective:
         if t is None:
             t = self.sample_t(x0.shape[0], x0.device, generator)
         x_t, masked = self.corrupt(x0, t, attention_mask, generator, uniform_noise, mask_probs)
-        # Only masked positions carry loss (SUBS): a denoiser that can, projects those rows alone (M, V).
         noise = self.schedule.total_noise(t)
-        logits = model(x_t, noise, rows=masked) if self.rows_only else model(x_t, noise)  # (M, V) or (B, L, V)
         weight = self.schedule.loss_weight(t)[:, None]  # (B, 1)
         if mask_probs is not None and correction:
             weight = weight * self.schedule.mask_prob(t)[:, None] / mask_probs.detach()  # (B, L)
-        token_nll = masked_token_nll(logits, x0, masked, self.mask_id)  # (B, L)
-        token_loss = token_nll * weight
+        # Only masked positions carry loss (SUBS): a denoiser that can, projects those rows alone (M, V), or
+        # fuses the projection with the loss.
+        if self.fused:
+            nll_sum, nll = model(
+                x_t, noise, rows=masked, targets=x0[masked], token_weights=weight.expand_as(masked)[masked],
+                mask_id=self.mask_id,
+            )  # scalar, (M,) detached
+            # Detached per-token terms, for the estimator's targets and the diagnostics; only nll_sum has a graph.
+            token_nll = torch.zeros(x0.shape, dtype=nll.dtype, device=x0.device).masked_scatter(masked, nll)
+            token_loss = token_nll * weight  # (B, L)
+        else:
+            logits = model(x_t, noise, rows=masked) if self.rows_only else model(x_t, noise)  # (M, V) or (B, L, V)
+            token_nll = masked_token_nll(logits, x0, masked, self.mask_id)  # (B, L)
+            token_loss = token_nll * weight
+            nll_sum = token_loss.sum()
         if attention_mask is None:
             tokens_per_sequence = torch.full((x0.shape[0],), x0.shape[1], device=x0.device, dtype=torch.float32)
         else:
             tokens_per_sequence = attention_mask.float().sum(-1)
         num_tokens = tokens_per_sequence.sum()
-        nll_sum = token_loss.sum()
         return NelboTerms(
             loss=nll_sum / num_tokens,
             nll_sum=nll_sum,

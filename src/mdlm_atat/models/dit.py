@@ -14,7 +14,10 @@ Differences from MDLM's file, none of which changes the function computed:
 Parameter names follow MDLM's (`vocab_embed.embedding`, `sigma_map.mlp.0`, `blocks.N.attn_qkv`, ...), so its
 state dicts line up key for key (MDLM's also holds the buffer `rotary_emb.inv_freq`, which this one does not).
 
-The denoiser returns logits only: SUBS masking, weighting and reduction belong to the objective.
+The denoiser returns logits: SUBS masking, weighting and reduction belong to the objective. One exception, for
+memory: given the masked rows' targets and weights (which the objective computes), the output layer returns the
+weighted SUBS loss fused with its projection (diffusion/fused_loss.py) instead of the (M, V) logits. It has to
+happen inside the output layer's forward because FSDP2 only unshards the layer's weight there.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mdlm_atat.config import ModelConfig
+from mdlm_atat.diffusion.fused_loss import fused_subs_nll
 
 ROTARY_BASE = 10_000
 FREQUENCY_EMBEDDING_SIZE = 256  # sinusoidal width of the noise-level embedding (DiT, MDLM)
@@ -205,12 +209,43 @@ class FinalLayer(nn.Module):
             nn.init.zeros_(linear.weight)
             nn.init.zeros_(linear.bias)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        c: torch.Tensor,
+        rows: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
+        token_weights: torch.Tensor | None = None,
+        mask_id: int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         shift, scale = self.adaLN_modulation(c)[:, None].chunk(2, dim=-1)  # each (B, 1, D)
         h = modulate(self.norm_final(x), shift, scale)  # (B, L, D)
+        if targets is not None:
+            if rows is None or token_weights is None or mask_id is None:
+                raise ValueError("the fused SUBS loss needs rows, targets, token_weights and mask_id together")
+            return rows_subs_loss(h, rows, self.linear.weight, self.linear.bias, targets, token_weights, mask_id)
         if rows is not None:
             h = h[rows]  # (M, D): project only the positions asked for
         return self.linear(h)  # (B, L, num_tokens), or (M, num_tokens) with rows
+
+
+@torch.compiler.disable
+def rows_subs_loss(
+    h: torch.Tensor,
+    rows: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    token_weights: torch.Tensor,
+    mask_id: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """h (B, L, D) -> (loss_sum, nll (M,)) of the positions `rows` (B, L) bool, from `fused_subs_nll`.
+
+    Kept out of a compiled DiT's graph: selecting the rows has a data-dependent shape (a graph break anyway), and
+    tracing the chunk loop would specialise on M and recompile every step. The blocks stay one graph; the fused
+    loss compiles its own fixed-shape kernel on CUDA.
+    """
+    return fused_subs_nll(h[rows], weight, bias, targets, token_weights, mask_id)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -218,7 +253,8 @@ class FinalLayer(nn.Module):
 
 
 class DiT(nn.Module):
-    """MDLM's denoiser: tokens x_t (B, L) and noise level (B,) -> logits (B, L, num_tokens).
+    """MDLM's denoiser: tokens x_t (B, L) and noise level (B,) -> logits (B, L, num_tokens) (or, asked to, the
+    masked rows' fused SUBS loss: see `forward`).
 
     `num_tokens` is the vocabulary including the MASK id (rows of the embedding, columns of the output).
     `noise_level` is whatever the objective conditions on (MDLM feeds sigma(t) = -log(1 - (1 - eps) t)); with
@@ -258,11 +294,22 @@ class DiT(nn.Module):
             if isinstance(module, (DiTBlock, FinalLayer)):
                 module.reset_parameters()
 
-    def forward(self, x_t: torch.Tensor, noise_level: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x_t: torch.Tensor,
+        noise_level: torch.Tensor,
+        rows: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
+        token_weights: torch.Tensor | None = None,
+        mask_id: int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits (B, L, num_tokens); with `rows` (B, L) bool, only those positions': (M, num_tokens).
 
         Under SUBS only masked positions carry loss, so the objective asks for those rows alone: the output
         projection (a third of small's matmul FLOPs) and its (B, L, V) logits shrink to the masked fraction.
+        With `targets` and `token_weights` (M,) as well (aligned with `rows` in row-major order) and the
+        `mask_id`, the loss is fused with the projection instead and (loss_sum, nll (M,)) comes back:
+        loss_sum = sum_i token_weights_i * nll_i, differentiable; nll detached (diffusion/fused_loss.py).
         """
         if not self.time_conditioning:
             noise_level = torch.zeros_like(noise_level)
@@ -271,4 +318,5 @@ class DiT(nn.Module):
         cos, sin = rotary_cos_sin(x_t.shape[1], self.head_dim, device=x_t.device)  # each (L, hd)
         for block in self.blocks:
             x = block(x, cos, sin, c)
-        return self.output_layer(x, c, rows)  # (B, L, num_tokens) or (M, num_tokens), in the autocast dtype
+        # (B, L, num_tokens) or (M, num_tokens) in the autocast dtype; or (loss_sum, nll) with targets
+        return self.output_layer(x, c, rows, targets, token_weights, mask_id)

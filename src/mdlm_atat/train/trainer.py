@@ -65,7 +65,8 @@ def make_objective(cfg: Config, tokenizer: Tokenizer) -> MaskedDiffusionObjectiv
 
         return NextTokenObjective(tokenizer.mask_id)
     schedule = LogLinearSchedule(cfg.diffusion.eps)
-    return MaskedDiffusionObjective(schedule, tokenizer.mask_id, cfg.diffusion.antithetic, rows_only=True)
+    # The DiT fuses its output projection with the SUBS loss: no (M, V) logits (diffusion/fused_loss.py).
+    return MaskedDiffusionObjective(schedule, tokenizer.mask_id, cfg.diffusion.antithetic, fused=True)
 
 
 def build_estimator(cfg: Config, num_tokens: int, unigram_counts) -> ImportanceEstimator | None:
