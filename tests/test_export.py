@@ -49,7 +49,8 @@ def test_export_round_trips_eval_and_sample(run_dir, tmp_path):
     assert config["hidden_size"] == 32 and config["num_hidden_layers"] == 2 and config["mask_token_id"] == 512
     assert config["mdlm_atat"]["step"] == 6 and config["mdlm_atat"]["weights"] == "ema"
     model, cfg, tokenizer, meta = load_for_inference(out)
-    assert not model.training and meta == {"step": 6, "config_hash": cfg.hash(), "weights": "ema"}
+    tokens = 6 * cfg.data.batch_size * cfg.data.max_length
+    assert not model.training and meta == {"step": 6, "config_hash": cfg.hash(), "weights": "ema", "tokens_seen": tokens}
     assert tokenizer.to_json() == payload["tokenizer"]
 
 

@@ -136,6 +136,7 @@ def hf_config(cfg: Config, tokenizer: Tokenizer, payload: dict, meta: dict, num_
             "format_version": FORMAT_VERSION,
             "version": __version__,
             "step": int(meta["step"]),
+            "tokens_seen": payload["state"]["samples_seen"] * cfg.data.max_length,
             "config_hash": meta["config_hash"],
             "weights": meta["weights"],
             "config": payload["config"],
@@ -277,4 +278,7 @@ def load_export(
     except Exception as err:  # noqa: BLE001 - a damaged or mismatched file means the same to the user
         raise CheckpointError(f"{folder / 'model.safetensors'}: cannot load ({type(err).__name__}: {err})") from None
     model.to(device).eval()
-    return model, cfg, tokenizer, {"step": info["step"], "config_hash": info["config_hash"], "weights": info["weights"]}
+    meta = {"step": info["step"], "config_hash": info["config_hash"], "weights": info["weights"]}
+    if "tokens_seen" in info:  # folders exported before it was recorded lack it
+        meta["tokens_seen"] = info["tokens_seen"]
+    return model, cfg, tokenizer, meta
