@@ -326,21 +326,50 @@ def test_two_gpus_save_one_gpu_resumes(data_cache, tmp_path, strategy):
 
 @pytest.mark.distributed
 def test_scaling_benchmark_runs_on_cpu_with_gloo(tmp_path):
+    """ATAT's step timed on 1 and 2 processes (DDP, FSDP2), then the trainer's FSDP2 checkpoint from 2 processes
+    resumed in 1 (about 30 s on 2 cores; the MDLM step is the same code without the estimator)."""
     out = tmp_path / "scaling.json"
     command = [
         sys.executable, str(REPO / "benchmarks" / "scaling.py"), "--device", "cpu", "--hidden-dim", "32",
         "--num-layers", "2", "--num-heads", "2", "--cond-dim", "16", "--seq-len", "32", "--batch-size", "4",
         "--vocab-size", "100", "--steps", "2", "--warmup", "1", "--nproc", "1,2", "--variants", "ddp,fsdp",
-        "--output", str(out),
+        "--atat", "--resume-check", "fsdp", "--resume-steps", "2", "--output", str(out),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    results = json.loads(out.read_text())["results"]
+    record = json.loads(out.read_text())
+    results = record["results"]
     # One process is plain training (the baseline, measured once); 2 processes per strategy.
     assert [(r["variant"], r["world_size"], r["strategy"]) for r in results] == [
         ("ddp", 1, "none"), ("ddp", 2, "ddp"), ("fsdp", 2, "fsdp")
     ]
     assert all(r["losses_finite"] and r["scaling_efficiency"] > 0 for r in results)
     assert results[0]["scaling_efficiency"] == 1.0
-    assert "efficiency" in done.stdout
+    assert all(r["atat"] and (r["stage"], r["beta"]) == ("fixed", 0.5) for r in results)  # the hard tilt
+    assert record["method"] == "atat" and "efficiency" in done.stdout
+    # The trainer's checkpoint from 2 processes (FSDP2), resumed in 1: the same losses as the 2-process run's own
+    # second half (fp32 on CPU: equal up to the reduction order).
+    (check,) = record["resume_checks"]
+    assert check["ok"], check["error"]
+    assert (check["strategy"], check["written_on"], check["resumed_on"]) == ("fsdp", 2, 1)
+    assert check["checkpoint"] == {"world_size": 2, "step": 2, "samples_seen": 16, "consolidated": True}
+    assert (check["resumed_at_step"], check["resumed_steps"]) == (2, [3, 4])
+    assert check["max_rel_gap"] < 1e-5
+    assert "resume check" in done.stdout
+
+
+def test_scaling_benchmark_worker_times_the_mdlm_step(tmp_path):
+    """Without --atat: one point as a torchrun launch runs it, here in one plain process (no wrapping)."""
+    out = tmp_path / "point.json"
+    command = [
+        sys.executable, str(REPO / "benchmarks" / "scaling.py"), "--device", "cpu", "--hidden-dim", "32",
+        "--num-layers", "2", "--num-heads", "2", "--cond-dim", "16", "--seq-len", "32", "--batch-size", "4",
+        "--vocab-size", "100", "--steps", "2", "--warmup", "1", "--worker", str(out), "--variant", "ddp",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    point = json.loads(out.read_text())
+    assert (point["atat"], point["strategy"], point["world_size"], point["losses_finite"]) == (False, "none", 1, True)
+    assert "stage" not in point and point["tokens_per_s_per_device"] > 0
