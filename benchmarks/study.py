@@ -100,12 +100,6 @@ def subprocess_env(device: str) -> dict[str, str]:
 
 def link_corpora(corpora: Path, data_dir: Path) -> tuple[Path, dict[str, Path]]:
     """A folder holding links to the four prose corpora (the training data) and the paths of every scored corpus."""
-    missing = [name for name in (*PROSE, *ZERO_SHOT) if not (corpora / f"{name}.jsonl").is_file()]
-    if missing:
-        raise StudyError(
-            f"--corpora {corpora}: no {', '.join(m + '.jsonl' for m in missing)} there; pass the folder of the "
-            "offline corpora (../shared/corpora beside the checkout)"
-        )
     prose = data_dir / "prose"
     prose.mkdir(parents=True, exist_ok=True)
     for name in PROSE:
@@ -202,6 +196,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise StudyError(f"--arms: unknown arm {', '.join(unknown)}; choose from {', '.join(ARMS)}")
     if not args.config.is_file():
         raise StudyError(f"--config {args.config}: no such file")
+    missing = [name for name in (*PROSE, *ZERO_SHOT) if not (args.corpora / f"{name}.jsonl").is_file()]
+    if missing:
+        raise StudyError(
+            f"--corpora {args.corpora}: no {', '.join(m + '.jsonl' for m in missing)} there; pass the folder of the "
+            "offline corpora (../shared/corpora beside the checkout)"
+        )
     tokenizer = args.tokenizer.resolve()
     if not (tokenizer / "vocab.json").is_file():
         raise StudyError(f"--tokenizer {args.tokenizer}: no GPT-2 vocab.json there; pass ../shared/tokenizers/gpt2")

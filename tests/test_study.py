@@ -97,15 +97,26 @@ def test_verdict_compares_the_difference_with_the_seed_spread():
     assert "no measurable difference" in text
 
 
-def test_missing_corpora_is_one_clear_error(tmp_path, capsys):
+def test_missing_corpora_is_one_clear_error(tmp_path, capsys):  # checked before anything else, tokenizer included
     assert study.main(["run", "--out", str(tmp_path / "s"), "--corpora", str(tmp_path), "--gpus", "cpu"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --corpora") and "sotu.jsonl" in err and "../shared/corpora" in err
 
 
 def test_unknown_arm_names_the_choices(tmp_path, capsys):
-    assert study.main(["run", "--out", str(tmp_path / "s"), "--arms", "mdlm,fancy", "--gpus", "cpu"]) == 2
+    args = ["run", "--out", str(tmp_path / "s"), "--arms", "mdlm,fancy", "--gpus", "cpu", "--tokenizer", str(tmp_path)]
+    assert study.main(args) == 2
     assert "unknown arm fancy" in capsys.readouterr().err
+
+
+def test_missing_tokenizer_is_one_clear_error(tmp_path, capsys):
+    corpora = tmp_path / "corpora"
+    corpora.mkdir()
+    for name in (*study.PROSE, *study.ZERO_SHOT):
+        (corpora / f"{name}.jsonl").write_text("")
+    assert study.main(["run", "--out", str(tmp_path / "s"), "--corpora", str(corpora), "--tokenizer", str(tmp_path),
+                       "--gpus", "cpu"]) == 2
+    assert "--tokenizer" in capsys.readouterr().err and not (tmp_path / "s").exists()
 
 
 def test_report_without_runs_says_to_run_first(tmp_path, capsys):
