@@ -8,7 +8,8 @@ per second, peak GPU memory, and the speed-up of each sampler over `ancestral`. 
 random numbers in the same order, so in fp32 they give the same samples; under bf16 a sub-batch can round
 differently from the full batch, so the report gives the fraction of tokens that agree instead of asserting it.
 
-Evaluation: `evaluate_bound` (the NELBO of `atat eval`: uniform masking, `--num-t` stratified t per sequence)
+Evaluation: `evaluate_bound` (the NELBO of `atat eval`: uniform masking, `--num-t` stratified t per sequence,
+the SUBS loss fused with the output layer as `atat eval` computes it)
 on `--eval-batches` batches of random tokens; reported as tokens scored per second (each token is scored
 num_t times: forward tokens/s = num_t x that).
 
@@ -127,7 +128,8 @@ def run_eval(model: DiT, args, device, autocast, mask_id: int) -> dict[str, Any]
     gen = torch.Generator().manual_seed(args.seed + 1)
     batches = [torch.randint(0, args.vocab_size, (args.eval_batch_size, args.seq_len), generator=gen)
                for _ in range(args.eval_batches)]
-    objective = MaskedDiffusionObjective(LogLinearSchedule(1e-3), mask_id=mask_id)
+    # As `atat eval` scores (trainer.make_objective): the loss fused with the output layer, no (M, V) logits.
+    objective = MaskedDiffusionObjective(LogLinearSchedule(1e-3), mask_id=mask_id, fused=True)
     evaluate_bound(model, objective, batches[:1], num_t=args.num_t, device=device, autocast=autocast)  # warm-up
     reset_memory(device)
     synchronize(device)
