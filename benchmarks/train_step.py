@@ -127,6 +127,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="default",
         help="restrict scaled_dot_product_attention to one backend (default: PyTorch's choice)",
     )
+    p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="after timing, profile N more steps (torch.profiler) and report each variant's top kernels by time",
+    )
     p.add_argument("--output", type=Path, help="write the results as JSON here")
     args = p.parse_args(argv)
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -317,7 +324,52 @@ def run_variant(
         "losses_finite": bool(torch.isfinite(losses_cpu).all()),
         "last_loss": float(losses_cpu[-1]),
     }
+    if args.profile:
+        start = args.warmup + args.steps
+        result["profile"] = profile_steps(step, range(start, start + args.profile), device)
     return result
+
+
+PROFILE_TOP = 25
+
+
+def profile_steps(step, indices: range, device: torch.device) -> list[dict[str, Any]]:
+    """Run `step(i)` for each index under torch.profiler; the top kernels (ops on the CPU) by their own time.
+
+    Each row: name, calls per step, milliseconds per step, and the share of the summed own time of everything
+    profiled (on CUDA: of the GPU's busy time, so idle gaps between kernels are not in the denominator).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for i in indices:
+            step(i)
+        synchronize(device)
+
+    def own_us(event) -> float:
+        if cuda:
+            return getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0.0)
+        return event.self_cpu_time_total
+
+    events = [e for e in prof.key_averages() if own_us(e) > 0]
+    total = sum(own_us(e) for e in events)
+    n = len(indices)
+    rows = sorted(events, key=own_us, reverse=True)[:PROFILE_TOP]
+    return [
+        {"name": e.key, "calls_per_step": e.count / n, "ms_per_step": own_us(e) / n / 1e3, "share": own_us(e) / total}
+        for e in rows
+    ]
+
+
+def print_profile(result: dict[str, Any]) -> None:
+    rows = result.get("profile")
+    if not rows:
+        return
+    print(f"\n[{result['variant']}] top {len(rows)} by own time per step (median step {result['median_step_s'] * 1e3:.2f} ms):")
+    for r in rows:
+        print(f"  {r['ms_per_step']:8.3f} ms  {r['share'] * 100:5.1f}%  x{r['calls_per_step']:<6g} {r['name'][:110]}")
 
 
 def sdpa_backend(name: str):
@@ -412,6 +464,8 @@ def main(argv: list[str] | None = None) -> int:
     peak = peak_flops(args, device)
     if device.type == "cuda" and args.peak_flops is None and "H100" not in device_name and "H200" not in device_name:
         print(f"note: MFU uses the H100's bf16 peak {H100_BF16_DENSE_FLOPS:.3e}; pass --peak-flops for {device_name}")
+    for r in results:
+        print_profile(r)
     print()
     print_table(results)
 

@@ -1,0 +1,58 @@
+"""The GPU benchmarks' CPU smoke runs: each script runs end to end at a tiny size and writes what it prints."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+import sample_speed  # noqa: E402
+import train_step  # noqa: E402
+
+TINY = ["--device", "cpu", "--hidden-dim", "32", "--num-layers", "2", "--num-heads", "2", "--cond-dim", "16",
+        "--seq-len", "32", "--batch-size", "4", "--vocab-size", "300"]
+
+
+@pytest.mark.parametrize("loss", ["fused", "rows", "full"])
+def test_train_step_runs_each_loss_path_with_the_same_first_loss(tmp_path, loss):
+    out = tmp_path / f"{loss}.json"
+    assert train_step.main([*TINY, "--steps", "2", "--warmup", "1", "--variants", "eager,atat", "--loss", loss,
+                            "--output", str(out)]) == 0
+    report = json.loads(out.read_text())
+    eager, atat = report["results"]
+    assert eager["variant"] == "eager" and atat["variant"] == "atat" and eager["loss"] == loss
+    assert eager["tokens_per_s"] > 0 and eager["losses_finite"] and atat["losses_finite"]
+    # Same seeded weights and batch on every path: the three loss paths compute one loss.
+    reference = tmp_path / "full.json"
+    if loss != "full":
+        assert train_step.main([*TINY, "--steps", "1", "--warmup", "0", "--variants", "eager", "--loss", "full",
+                                "--output", str(reference)]) == 0
+    expected = json.loads(reference.read_text())["results"][0]["loss_first_batch"]
+    assert eager["loss_first_batch"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_train_step_profile_lists_the_top_ops(tmp_path, capsys):
+    out = tmp_path / "profile.json"
+    assert train_step.main([*TINY, "--steps", "1", "--warmup", "1", "--variants", "eager", "--profile", "2",
+                            "--output", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"][0]["profile"]
+    assert 0 < len(rows) <= train_step.PROFILE_TOP
+    assert all(r["ms_per_step"] > 0 for r in rows) and 0 < sum(r["share"] for r in rows) <= 1 + 1e-9
+    assert [r["ms_per_step"] for r in rows] == sorted((r["ms_per_step"] for r in rows), reverse=True)
+    assert "top" in capsys.readouterr().out
+
+
+def test_sample_speed_cache_gives_the_same_tokens_on_cpu(tmp_path):
+    out = tmp_path / "sample.json"
+    assert sample_speed.main([*TINY, "--steps", "20", "--eval-batches", "1", "--output", str(out)]) == 0
+    report = json.loads(out.read_text())
+    by_name = {r["sampler"]: r for r in report["sampling"]}
+    cached = by_name["ancestral-cache"]
+    assert cached["tokens_equal_to_ancestral"] == 1.0  # fp32 on the CPU: the cache changes no sample
+    assert by_name["ancestral"]["num_network_calls"] == 20 and cached["mask_left"] == 0
+    assert cached["num_sequence_evals"] <= by_name["ancestral"]["num_sequence_evals"]
+    assert report["eval"]["tokens_per_s"] > 0 and report["eval"]["nelbo"] > 0
