@@ -134,12 +134,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="N",
         help="after timing, profile N more steps (torch.profiler) and report each variant's top kernels by time",
     )
+    p.add_argument(
+        "--max-batch",
+        type=int,
+        default=0,
+        metavar="LIMIT",
+        help="CUDA only: after timing, find each variant's largest batch (sequences of --seq-len) whose training "
+        "step fits in memory, doubling from --batch-size up to LIMIT, then bisecting to a multiple of 8",
+    )
     p.add_argument("--output", type=Path, help="write the results as JSON here")
     args = p.parse_args(argv)
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     for v in args.variants:
         if v not in VARIANTS:
             p.error(f"--variants: unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
+    if args.max_batch and args.device == "cpu":
+        p.error("--max-batch: needs a CUDA device (it searches for the batch that runs out of GPU memory)")
     for name in ("batch_size", "seq_len", "steps"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')}: must be >= 1")
@@ -327,7 +337,61 @@ def run_variant(
     if args.profile:
         start = args.warmup + args.steps
         result["profile"] = profile_steps(step, range(start, start + args.profile), device)
+    if args.max_batch and device.type == "cuda":
+
+        def probe(batch_size: int) -> float | None:
+            """Peak GiB of two training steps at this batch size, or None when they run out of memory."""
+            probe_args = argparse.Namespace(**{**vars(args), "batch_size": batch_size})
+            try:
+                batch = make_batches(objective, probe_args, device)[0]
+                torch.cuda.reset_peak_memory_stats(device)
+                for _ in range(2):
+                    train_step(model, params, objective, optimizer, batch, autocast, atat)
+                synchronize(device)
+                return torch.cuda.max_memory_allocated(device) / 2**30
+            except torch.OutOfMemoryError:
+                optimizer.zero_grad(set_to_none=True)
+                return None
+            finally:
+                batch = None
+                gc.collect()
+                torch.cuda.empty_cache()
+
+        result["largest_batch"] = largest_batch(probe, args.batch_size, args.max_batch)
     return result
+
+
+def largest_batch(probe, start: int, limit: int, multiple: int = 8) -> dict[str, Any]:
+    """The largest batch size <= limit for which `probe(batch_size)` returns a peak memory (not None).
+
+    Doubles from `start` until a probe fails or `limit` is passed, then bisects between the last size that fit
+    and the first that did not, down to a step of `multiple`. Assumes memory grows with the batch size.
+    """
+    tried: dict[int, float | None] = {}
+    fits, fails = None, None
+    size = start
+    while size <= limit:
+        tried[size] = probe(size)
+        if tried[size] is None:
+            fails = size
+            break
+        fits, size = size, size * 2
+    if fits is not None and fails is None and fits < limit:  # the doubling stepped past the limit: try it
+        tried[limit] = probe(limit)
+        fits, fails = (limit, None) if tried[limit] is not None else (fits, limit)
+    while fits is not None and fails is not None and fails - fits > multiple:
+        middle = max(fits + multiple, (fits + fails) // 2 // multiple * multiple)
+        if middle >= fails:
+            break
+        tried[middle] = probe(middle)
+        fits, fails = (middle, fails) if tried[middle] is not None else (fits, middle)
+    return {
+        "largest": fits,
+        "peak_memory_gib": tried.get(fits) if fits is not None else None,
+        "smallest_failing": fails,  # None: everything up to the limit fitted
+        "limit": limit,
+        "probes": [{"batch_size": b, "peak_memory_gib": m} for b, m in sorted(tried.items())],
+    }
 
 
 PROFILE_TOP = 25
@@ -466,6 +530,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: MFU uses the H100's bf16 peak {H100_BF16_DENSE_FLOPS:.3e}; pass --peak-flops for {device_name}")
     for r in results:
         print_profile(r)
+        if "largest_batch" in r:
+            lb = r["largest_batch"]
+            print(f"[{r['variant']}] largest batch that fits: {lb['largest']} x {args.seq_len} tokens "
+                  f"(peak {fmt(lb['peak_memory_gib'], '.2f')} GiB; first failing: {lb['smallest_failing']}, "
+                  f"limit {lb['limit']})")
     print()
     print_table(results)
 

@@ -56,3 +56,31 @@ def test_sample_speed_cache_gives_the_same_tokens_on_cpu(tmp_path):
     assert by_name["ancestral"]["num_network_calls"] == 20 and cached["mask_left"] == 0
     assert cached["num_sequence_evals"] <= by_name["ancestral"]["num_sequence_evals"]
     assert report["eval"]["tokens_per_s"] > 0 and report["eval"]["nelbo"] > 0
+
+
+@pytest.mark.parametrize("capacity", [5, 32, 40, 100, 129, 300, 1000])
+def test_largest_batch_search_finds_the_last_size_that_fits(capacity):
+    calls = []
+
+    def probe(batch_size):  # memory grows with the batch: sizes above `capacity` run out
+        calls.append(batch_size)
+        return 0.1 * batch_size if batch_size <= capacity else None
+
+    found = train_step.largest_batch(probe, start=32, limit=512)
+    best = min(capacity, 512)
+    if capacity < 32:
+        assert found["largest"] is None and found["smallest_failing"] == 32
+        return
+    assert found["largest"] <= best and best - found["largest"] < 8  # within one step of 8 below the true size
+    assert found["peak_memory_gib"] == pytest.approx(0.1 * found["largest"])
+    if capacity >= 512:
+        assert found["smallest_failing"] is None and found["largest"] == 512
+    else:  # the failing size brackets the capacity from above, one step of 8 from what fitted
+        assert capacity < found["smallest_failing"] <= found["largest"] + 8
+    assert len(calls) == len(set(calls)) <= 12  # no size probed twice; a handful of probes
+
+
+def test_max_batch_needs_a_gpu(capsys):
+    with pytest.raises(SystemExit):
+        train_step.parse_args(["--device", "cpu", "--max-batch", "256"])
+    assert "needs a CUDA device" in capsys.readouterr().err
