@@ -204,13 +204,30 @@ def test_network_cache_recomputes_only_changed_rows():
             return torch.zeros(*x.shape, V + 1)
 
     net = Network(Recording(), cache=True)
+    assert not net.split  # a plain model: full logits, indexed
     x = canvas(3, 6)
     noise = torch.zeros(3)
-    net(x, noise)
-    net(x, noise)  # nothing changed: no call
+    net.outputs(x, noise)
+    net.outputs(x, noise)  # nothing changed: no call
     x[1, 2] = 4
-    net(x, noise)  # row 1 changed: one call, one row
+    net.outputs(x, noise)  # row 1 changed: one call, one row
     x[0, 0] = 4
-    net(x, noise, rows=torch.tensor([False, True, True]))  # row 0 changed but is not needed
+    net.outputs(x, noise, rows=torch.tensor([False, True, True]))  # row 0 changed but is not needed
     assert calls == [3, 1]
-    assert net.num_calls == 2 and net.num_sequence_evals == 4
+
+
+def test_network_projects_only_the_positions_asked_for():
+    model = random_model()
+    projected = []
+    project = model.project
+    model.project = lambda h: projected.append(h.shape[0]) or project(h)
+    x = canvas(2, 12, GIVEN)
+    noise = torch.zeros(2)
+    where = torch.zeros(2, 12, dtype=torch.bool)
+    where[0, 4], where[1, 7], where[1, 8] = True, True, True
+    for cache in (False, True):
+        net = Network(model, cache=cache)
+        assert net.split
+        logits = net.logits(x, noise, where)  # (3, V + 1): three positions, in row-major order
+        torch.testing.assert_close(logits, model(x, noise)[where])
+    assert projected == [3, 3]  # never the whole (2, 12) canvas

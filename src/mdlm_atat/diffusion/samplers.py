@@ -53,46 +53,61 @@ class SampleOutput:
 
 
 class Network:
-    """The denoiser behind a counter; with `cache`, a per-sequence cache of its logits.
+    """The denoiser behind a counter; with `cache`, a per-sequence cache of its output.
 
-    Without time conditioning the logits depend on x_t alone, so a row whose tokens are unchanged since its
-    last evaluation keeps its logits. `rows` (B,) bool names the rows the caller needs; the others may hold stale
-    logits, and the caller must not read them.
+    A sampler asks for the logits at the positions it decodes (`logits(x, noise, where)`). A model that splits
+    into `features` and `project` (the DiT) runs its blocks on the whole sequence but projects only those
+    positions to the vocabulary: at 1000 steps a step decodes about a thousandth of the canvas, so the output
+    layer (a third of MDLM-small's forward) and its (B, L, V) logits all but vanish; the cache then holds
+    (B, L, D) features instead of (B, L, V) logits. Any other model gives full logits, indexed here.
+
+    Without time conditioning the output depends on x_t alone, so a row whose tokens are unchanged since its
+    last evaluation keeps its cached output; only the rows the caller needs are brought up to date.
     """
 
     def __init__(self, model: Any, cache: bool, autocast: contextlib.AbstractContextManager | None = None):
         self.model = model
         self.cache = cache
         self.autocast = autocast or contextlib.nullcontext()
+        self.split = callable(getattr(model, "features", None)) and callable(getattr(model, "project", None))
         self.num_calls = 0
         self.num_sequence_evals = 0
-        self._x: torch.Tensor | None = None  # (B, L): the inputs the cached logits belong to
-        self._logits: torch.Tensor | None = None  # (B, L, V)
+        self._x: torch.Tensor | None = None  # (B, L): the inputs the cached outputs belong to
+        self._out: torch.Tensor | None = None  # (B, L, D) features, or (B, L, V) logits
 
     def reset(self) -> None:
-        self._x = self._logits = None
+        self._x = self._out = None
 
     def _forward(self, x: torch.Tensor, noise_level: torch.Tensor) -> torch.Tensor:
         self.num_calls += 1
         self.num_sequence_evals += x.shape[0]
         with self.autocast:
-            return self.model(x, noise_level)
+            return self.model.features(x, noise_level) if self.split else self.model(x, noise_level)
 
-    @torch.no_grad()
-    def __call__(self, x: torch.Tensor, noise_level: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (B, L, V) for x (B, L) at noise levels (B,), correct at least in `rows` (default: all)."""
-        if not self.cache or self._logits is None or self._x.shape != x.shape:
+    def outputs(self, x: torch.Tensor, noise_level: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Features (B, L, D) or logits (B, L, V) for x (B, L), correct at least in `rows` (B,) (default: all)."""
+        if not self.cache or self._out is None or self._x.shape != x.shape:
             # No cache, or nothing cached yet: the whole batch in one call.
-            self._logits = self._forward(x, noise_level)
+            self._out = self._forward(x, noise_level)
             self._x = x.clone()
-            return self._logits
-        changed = (x != self._x).any(-1)  # (B,): a row with unchanged tokens keeps its logits
+            return self._out
+        changed = (x != self._x).any(-1)  # (B,): a row with unchanged tokens keeps its output
         need = changed if rows is None else changed & rows
         if need.any():
             index = need.nonzero().squeeze(-1)  # (R,)
-            self._logits[index] = self._forward(x[index], noise_level[index])
+            self._out[index] = self._forward(x[index], noise_level[index])
             self._x[index] = x[index]
-        return self._logits
+        return self._out
+
+    @torch.no_grad()
+    def logits(self, x: torch.Tensor, noise_level: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+        """Logits (M, V) at the positions `where` (B, L) bool, in row-major order. Without the cache this is one
+        network call over the whole batch whatever `where` holds (MDLM's one call per step)."""
+        selected = self.outputs(x, noise_level, rows=where.any(-1))[where]  # (M, D) or (M, V)
+        if not self.split:
+            return selected
+        with self.autocast:
+            return self.model.project(selected)
 
 
 def gumbel_argmax(
@@ -146,16 +161,16 @@ def ancestral(
     for k in range(num_steps):
         t, s = grid[k], grid[k + 1]
         noise = _noise(schedule, t, B, x.device)
-        if not cache:
-            logits = network(x, noise)  # MDLM's ddpm_update: one call per step, whatever it decodes
         # p(still masked at s | masked at t) = mask_prob(s) / mask_prob(t): s / t for the log-linear schedule.
         p_unmask = 1.0 - _mask_prob(schedule, s) / _mask_prob(schedule, t)
         u = torch.rand(x.shape, generator=generator, device=x.device, dtype=torch.float64)  # (B, L)
         unmask = (x == mask_id) & (u < p_unmask)  # (B, L)
+        if not cache:
+            logits = network.logits(x, noise, unmask)  # MDLM's ddpm_update: one call per step, whatever it decodes
         if unmask.any():
             if cache:
-                logits = network(x, noise, rows=unmask.any(-1))
-            x[unmask] = gumbel_argmax(logits[unmask], mask_id, generator)
+                logits = network.logits(x, noise, unmask)
+            x[unmask] = gumbel_argmax(logits, mask_id, generator)
             decode_step[unmask] = step_offset + k
         if on_step is not None:
             on_step(step_offset + k, x)
@@ -170,8 +185,8 @@ def confidence_schedule(num_masked: torch.Tensor, schedule: LogLinearSchedule, t
     return torch.round(num_masked.double() * fraction).long()
 
 
-def _max_log_prob(logits: torch.Tensor, mask_id: int, rows_per_chunk: int = 8) -> torch.Tensor:
-    """log max_v p(v) over the real tokens, (B, L, V) -> (B, L) float32, a few rows at a time (memory)."""
+def _max_log_prob(logits: torch.Tensor, mask_id: int, rows_per_chunk: int = 2048) -> torch.Tensor:
+    """log max_v p(v) over the real tokens, (M, V) -> (M,) float32, a chunk of rows at a time (memory)."""
     out = []
     for chunk in logits.split(rows_per_chunk):
         chunk = chunk.float()
@@ -207,12 +222,14 @@ def confidence(
         count = masked.sum(-1) - confidence_schedule(num_initial, schedule, s)  # (B,): to unmask this step
         rows = count > 0
         if rows.any():
-            logits = network(x, _noise(schedule, t, B, x.device), rows=rows)
-            score = _max_log_prob(logits, mask_id).masked_fill(~(masked & rows[:, None]), float("-inf"))
+            candidates = masked & rows[:, None]  # (B, L): every position that may be chosen this step
+            logits = network.logits(x, _noise(schedule, t, B, x.device), candidates)  # (M, V)
+            score = torch.full((B, L), float("-inf"), device=x.device)
+            score[candidates] = _max_log_prob(logits, mask_id)
             order = torch.sort(score, dim=-1, descending=True, stable=True).indices  # (B, L): most confident first
             rank = torch.empty_like(order).scatter_(1, order, positions)  # (B, L): each position's rank
             chosen = masked & (rank < count[:, None])
-            x[chosen] = gumbel_argmax(logits[chosen], mask_id, generator)
+            x[chosen] = gumbel_argmax(logits[chosen[candidates]], mask_id, generator)
             decode_step[chosen] = step_offset + k
         if on_step is not None:
             on_step(step_offset + k, x)
@@ -244,8 +261,9 @@ def autoregressive(
         need = x[:, i] == mask_id  # (B,)
         if not need.any():
             continue
-        logits = network(x[:, :i], torch.zeros(B, device=x.device))[:, -1]  # (B, V): p(x_i | x_<i)
-        x[need, i] = gumbel_argmax(logits[need], mask_id, generator)
+        last = torch.zeros((B, i), dtype=torch.bool, device=x.device)
+        last[:, -1] = need  # p(x_i | x_<i) is read at position i - 1
+        x[need, i] = gumbel_argmax(network.logits(x[:, :i], torch.zeros(B, device=x.device), last), mask_id, generator)
         decode_step[need, i] = step
         if on_step is not None:
             on_step(step, x)
