@@ -57,6 +57,22 @@ def test_every_sampler_writes_text_without_mask(run_dir, tmp_path, capsys, sampl
     assert set(quality["repeated_ngram_fraction"]) == {"1", "2", "4"}
 
 
+def test_easy_first_order_uses_the_checkpoint_estimator(run_dir, capsys):
+    code, summary, text = sample(run_dir, capsys, "--sampler", "confidence", "--order", "easy-first",
+                                 "--num-samples", "2")
+    assert code == 0 and summary["order"] == "easy-first" and "[MASK]" not in text
+    code, _, err = sample(run_dir, capsys, "--order", "easy-first")  # the default sampler is ancestral
+    assert code == 2 and "--order easy-first" in err and "--sampler confidence" in err
+
+
+def test_easy_first_needs_an_atat_checkpoint(tmp_path, data_cache, capsys):
+    mdlm = tmp_path / "mdlm"
+    overrides = [*TINY_OVERRIDES, f"data.cache_dir={data_cache}", "atat.enabled=false", "training.total_steps=2"]
+    train(load_config(None, overrides), mdlm)
+    code, _, err = sample(mdlm, capsys, "--sampler", "confidence", "--order", "easy-first")
+    assert code == 2 and "no importance estimator" in err and "atat.enabled=false" in err
+
+
 def test_prefix_is_kept_exactly(run_dir, tmp_path, capsys):
     output = tmp_path / "samples.jsonl"
     prefix = "The function returns"

@@ -231,3 +231,29 @@ def test_network_projects_only_the_positions_asked_for():
         logits = net.logits(x, noise, where)  # (3, V + 1): three positions, in row-major order
         torch.testing.assert_close(logits, model(x, noise)[where])
     assert projected == [3, 3]  # never the whole (2, 12) canvas
+
+
+def test_easy_first_decodes_the_least_important_positions_first():
+    seen = []
+
+    def importance(x0, t):  # the position itself: easy-first must go left to right
+        seen.append(x0.clone())
+        return torch.arange(x0.shape[1], dtype=torch.float32).expand(x0.shape[0], -1)
+
+    x = canvas(2, 12, {3: 7})
+    out = generate(random_model(), x, sampler="confidence", num_steps=6, schedule=SCHEDULE, mask_id=MASK,
+                   head=[BOS], tail=[EOS], generator=torch.Generator().manual_seed(0), importance=importance)
+    assert not (out.tokens == MASK).any() and (out.tokens[:, 3] == 7).all()
+    steps = out.decode_step
+    for row in steps:
+        decoded = row[row >= 0]  # generated positions, left to right
+        assert (decoded[1:] >= decoded[:-1]).all()  # never a later position before an earlier one
+    # The estimator reads a full prediction of x0: no MASK inside the block, the framing and given token kept.
+    assert seen and all(not (x0[:, 1:-1] == MASK).any() for x0 in seen)
+    assert all((x0[:, 0] == BOS).all() and (x0[:, 4] == 7).all() for x0 in seen)
+
+
+def test_importance_order_is_for_the_confidence_sampler_only():
+    with pytest.raises(ValueError, match="only confidence"):
+        generate(random_model(), canvas(1, 8), sampler="ancestral", num_steps=4, schedule=SCHEDULE, mask_id=MASK,
+                 importance=lambda x0, t: torch.zeros(x0.shape))

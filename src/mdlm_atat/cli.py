@@ -138,6 +138,13 @@ def _add_sample(subparsers) -> None:
         "per step), semi-ar (block after block, for --length beyond the block), ar (AR checkpoints); default: "
         "ancestral, or ar for an AR checkpoint",
     )
+    p.add_argument(
+        "--order",
+        choices=("confidence", "easy-first"),
+        default="confidence",
+        help="with --sampler confidence: the most confident positions first (default), or easy-first, the "
+        "positions ATAT's importance estimator (saved with the checkpoint) rates least important first",
+    )
     p.add_argument("--steps", type=int, default=128, help="denoising steps per block (default 128; unused by ar)")
     p.add_argument("--num-samples", type=int, default=4, help="samples to generate (default 4)")
     p.add_argument("--batch-size", type=int, default=16, help="samples per batch (default 16)")
@@ -290,6 +297,7 @@ def run_sample(args: argparse.Namespace) -> int:
         use_ema=not args.no_ema,
         device=args.device,
         progress=not args.no_progress,
+        order=args.order,
     )
     texts = summary.pop("samples")
     if args.output is None:

@@ -25,13 +25,14 @@ from mdlm_atat.data.tokenizers import Tokenizer
 from mdlm_atat.diffusion.samplers import AR_SAMPLERS, DIFFUSION_SAMPLERS, count_steps, generate
 from mdlm_atat.diffusion.schedule import LogLinearSchedule
 from mdlm_atat.eval.generation import load_reference, sample_quality
-from mdlm_atat.eval.run import load_for_inference
+from mdlm_atat.eval.run import load_estimator, load_for_inference
 from mdlm_atat.runtime import autocast_for, precision_name, resolve_device
 from mdlm_atat.train.checkpoint import resolve_checkpoint
 from mdlm_atat.viz.trace import write_trace_html
 
 GAP = re.compile(r"\[MASK(?::(\d+))?\]")
 TRACE_SAMPLES = 4  # samples of the first batch shown on the --trace page
+ORDERS = ("confidence", "easy-first")  # how the confidence sampler picks positions
 
 
 def parse_template(tokenizer: Tokenizer, template: str) -> list[int]:
@@ -103,6 +104,7 @@ def sample_checkpoint(
     use_ema: bool = True,
     device: str = "auto",
     progress: bool = True,
+    order: str = "confidence",
 ) -> dict[str, Any]:
     """Generate `num_samples` texts; returns the summary (with the texts under "samples")."""
     path = resolve_checkpoint(checkpoint)
@@ -114,6 +116,10 @@ def sample_checkpoint(
     if sampler not in allowed:
         kind = "an autoregressive (model.name: ar)" if is_ar else f"a diffusion ({cfg.model.name})"
         raise ConfigError(f"--sampler {sampler}: {kind} checkpoint samples with {', '.join(allowed)}")
+    if order not in ORDERS:
+        raise ConfigError(f"--order {order}: choose {' or '.join(ORDERS)}")
+    if order != "confidence" and sampler != "confidence":
+        raise ConfigError(f"--order {order}: only --sampler confidence orders positions; add --sampler confidence")
     for flag, value in (("--steps", num_steps), ("--num-samples", num_samples), ("--batch-size", batch_size)):
         if value < 1:
             raise ConfigError(f"{flag}: must be >= 1, got {value}")
@@ -136,6 +142,11 @@ def sample_checkpoint(
         notes.append("the model is time-conditioned: ancestral-cache falls back to ancestral (no cache)")
 
     ref = load_reference(reference, device=torch_device) if reference else None  # before the work: fail fast
+    importance = None
+    if order == "easy-first":
+        importance = load_estimator(path, cfg, tokenizer, device=torch_device)
+        if cfg.atat.importance_mode == "none":
+            notes.append("the estimator's importance_mode is none: every position rates the same (left to right)")
     schedule = LogLinearSchedule(cfg.diffusion.eps)  # the schedule the model was trained with
     autocast = autocast_for(torch_device, cfg.training.mixed_precision)
     generator = torch.Generator(device=torch_device).manual_seed(seed)
@@ -154,7 +165,7 @@ def sample_checkpoint(
             out = generate(
                 model, canvas_row.expand(b, -1).clone(), sampler=sampler, num_steps=num_steps, schedule=schedule,
                 mask_id=tokenizer.mask_id, head=head, tail=tail, window=window, stride=stride,
-                generator=generator, autocast=autocast, progress=bar,
+                generator=generator, autocast=autocast, progress=bar, importance=importance,
             )
             num_calls += out.num_network_calls
             num_evals += out.num_sequence_evals
@@ -181,6 +192,7 @@ def sample_checkpoint(
         "weights": meta["weights"],
         "model": cfg.model.name,
         "sampler": sampler,
+        **({"order": order} if sampler == "confidence" else {}),
         "num_steps": None if sampler in AR_SAMPLERS else num_steps,  # per window
         "steps_taken": steps_taken,  # per batch, over all windows
         "num_samples": num_samples,

@@ -17,7 +17,9 @@ noise is truncated (u is at most 1 - 2^-24), which lowers the entropy of the sam
   in a sequence does not call the network for it. A time-conditioned model falls back to `ancestral`.
 - `confidence`: each step unmasks the scheduled number of tokens, round(n * mask_prob(t) / mask_prob(1)) still
   masked at t, choosing the positions whose prediction is most confident (highest max probability) and drawing
-  their tokens; a decoded token is never re-sampled.
+  their tokens; a decoded token is never re-sampled. With an `importance` function (ATAT's estimator) the order
+  is easy-first instead: the estimator reads the current prediction of x0 (the canvas with every masked position
+  filled by its most likely token) and the positions it rates least important are decoded first.
 - `ar`: left-to-right for a causal model (`model.name: ar`): position i is drawn from p(x_i | x_<i); given
   positions are teacher-forced.
 - `semi-ar` (`generate`): lengths beyond the block. Windows of the model's block length slide over the canvas by
@@ -40,6 +42,7 @@ AR_SAMPLERS = ("ar",)
 SAMPLERS = DIFFUSION_SAMPLERS + AR_SAMPLERS
 
 StepCallback = Callable[[int, torch.Tensor], None]  # (global step, canvas after the step (B, L)) -> None
+Importance = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x0 (B, L), t (B,)) -> importance (B, L)
 
 
 @dataclass
@@ -195,6 +198,16 @@ def _max_log_prob(logits: torch.Tensor, mask_id: int, rows_per_chunk: int = 2048
     return torch.cat(out)
 
 
+def _most_likely(logits: torch.Tensor, mask_id: int) -> torch.Tensor:
+    """argmax over the real tokens, (M, V) -> (M,) long."""
+    best = logits.argmax(-1)
+    if (best == mask_id).any():  # MASK is never a token: take the best of the rest
+        masked = logits.clone()
+        masked[:, mask_id] = float("-inf")
+        best = masked.argmax(-1)
+    return best
+
+
 @torch.no_grad()
 def confidence(
     network: Network,
@@ -208,8 +221,10 @@ def confidence(
     step_offset: int = 0,
     on_step: StepCallback | None = None,
     progress: Any = None,
+    importance: Importance | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Confidence-ordered decoding: the scheduled count per step, most confident positions first."""
+    """Confidence-ordered decoding: the scheduled count per step, most confident positions first (or, with
+    `importance`, the positions whose predicted token the estimator rates least important first)."""
     x = x.clone()
     decode_step = torch.full_like(x, -1)
     B, L = x.shape
@@ -225,7 +240,13 @@ def confidence(
             candidates = masked & rows[:, None]  # (B, L): every position that may be chosen this step
             logits = network.logits(x, _noise(schedule, t, B, x.device), candidates)  # (M, V)
             score = torch.full((B, L), float("-inf"), device=x.device)
-            score[candidates] = _max_log_prob(logits, mask_id)
+            if importance is None:
+                score[candidates] = _max_log_prob(logits, mask_id)
+            else:  # easy-first: the estimator reads the current prediction of x0
+                x0_hat = x.clone()
+                x0_hat[candidates] = _most_likely(logits, mask_id)
+                rated = importance(x0_hat, torch.full((B,), t, device=x.device)).float()  # (B, L)
+                score[candidates] = -rated[candidates]
             order = torch.sort(score, dim=-1, descending=True, stable=True).indices  # (B, L): most confident first
             rank = torch.empty_like(order).scatter_(1, order, positions)  # (B, L): each position's rank
             chosen = masked & (rank < count[:, None])
@@ -307,15 +328,19 @@ def generate(
     autocast: contextlib.AbstractContextManager | None = None,
     on_step: StepCallback | None = None,
     progress: Any = None,
+    importance: Importance | None = None,
 ) -> SampleOutput:
     """Decode every MASK of `canvas` (B, N) with `sampler`; the model sees head + canvas[:, window] + tail.
 
     `head` / `tail` are the framing ids every training block had (e.g. [BOS] ... [EOS]); `window` is how many
     canvas positions fit between them in one block (default: all of N). Only `semi-ar` and `ar` go beyond one
-    window; `stride` (default window // 2) is how far each window moves on.
+    window; `stride` (default window // 2) is how far each window moves on. `importance` (confidence only): an
+    (x0, t) -> (B, L) rating, ATAT's estimator, for easy-first order.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
+    if importance is not None and sampler != "confidence":
+        raise ValueError(f"sampler {sampler!r}: only confidence orders positions by importance")
     B, N = canvas.shape
     window = window or N
     stride = stride or max(1, window // 2)
@@ -342,6 +367,7 @@ def generate(
         out, steps = inner(
             network, x, schedule=schedule, mask_id=mask_id, num_steps=num_steps, generator=generator,
             cache=cache, step_offset=steps_taken, on_step=on_step, progress=progress,
+            **({"importance": importance} if importance is not None else {}),
         )
         inside = slice(len(head), len(head) + b - a)
         tokens[:, a:b] = out[:, inside]

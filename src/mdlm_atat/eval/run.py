@@ -16,7 +16,7 @@ from mdlm_atat.eval.likelihood import evaluate_bound
 from mdlm_atat.models import build_model
 from mdlm_atat.runtime import autocast_for, precision_name, resolve_device
 from mdlm_atat.train.checkpoint import is_export_dir, load_checkpoint, resolve_checkpoint
-from mdlm_atat.train.trainer import make_objective
+from mdlm_atat.train.trainer import build_estimator, make_objective
 
 
 def load_for_inference(
@@ -42,6 +42,29 @@ def load_for_inference(
         "weights": "ema" if weights is payload.get("ema") else "raw",
     }
     return model, cfg, tokenizer, meta
+
+
+def load_estimator(checkpoint: str | Path, cfg: Config, tokenizer: Tokenizer, device: torch.device | str = "cpu"):
+    """ATAT's importance estimator saved with a checkpoint (or an `atat export` folder), in eval mode.
+
+    Reads the checkpoint file again (load_for_inference keeps only the denoiser). A run without an estimator
+    (the MDLM baseline) is a ConfigError that says so.
+    """
+    if is_export_dir(checkpoint):
+        from safetensors.torch import load_file
+
+        file = Path(checkpoint) / "estimator.safetensors"
+        state = load_file(str(file)) if file.is_file() else None
+    else:
+        state = load_checkpoint(checkpoint).get("estimator")
+    estimator = build_estimator(cfg, tokenizer.num_tokens, None) if state else None
+    if estimator is None:
+        raise ConfigError(
+            f"{checkpoint}: no importance estimator saved with it (an MDLM run, atat.enabled=false); "
+            "easy-first order needs an ATAT checkpoint, or use the confidence order"
+        )
+    estimator.load_state_dict(state)
+    return estimator.to(device).eval()
 
 
 def evaluate_checkpoint(
