@@ -40,6 +40,9 @@ def test_export_round_trips_eval_and_sample(run_dir, tmp_path):
     options = dict(num_steps=8, num_samples=2, seed=3, device="cpu", progress=False)
     a, b = sample_checkpoint(run_dir, **options), sample_checkpoint(out, **options)
     assert a["samples"] == b["samples"]
+    easy_first = dict(options, sampler="confidence", order="easy-first")  # the estimator travels with the export
+    a, b = sample_checkpoint(run_dir, **easy_first), sample_checkpoint(out, **easy_first)
+    assert a["samples"] == b["samples"] and b["order"] == "easy-first"
 
     payload = load_checkpoint(run_dir)
     weights = safetensors.load_file(str(out / "model.safetensors"))
