@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -37,3 +43,22 @@ def move_zero_init_off_zero(model: DiT, generator: torch.Generator, std: float =
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def run_facts(device: torch.device, device_name: str, precision: str) -> dict[str, Any]:
+    """What every benchmark JSON starts with: the command as run, when, and on what."""
+    return {
+        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch_version": torch.__version__,
+        "cuda_version": torch.version.cuda,
+        "device": str(device),
+        "device_name": device_name,
+        "precision": precision,
+    }
+
+
+def write_json(path: Path, report: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nwrote {path}")

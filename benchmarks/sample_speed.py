@@ -30,12 +30,8 @@ compiled blocks):
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
-import json
 import platform
-import shlex
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -49,7 +45,7 @@ from mdlm_atat.diffusion.schedule import LogLinearSchedule
 from mdlm_atat.eval.likelihood import evaluate_bound
 from mdlm_atat.models.dit import DiT, count_parameters
 from mdlm_atat.runtime import autocast_for, precision_name, resolve_device
-from common import model_config, move_zero_init_off_zero, synchronize  # noqa: E402 (benchmarks/ is on sys.path when run as a script)
+from common import model_config, move_zero_init_off_zero, run_facts, synchronize, write_json  # noqa: E402 (benchmarks/ is on sys.path when run as a script)
 
 SAMPLERS = ("ancestral", "ancestral-cache", "confidence")
 
@@ -219,13 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     ok = all(r["mask_left"] == 0 for r in results)
     if args.output is not None:
         report = {
-            "command": shlex.join([Path(sys.executable).name, *sys.argv]),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "torch_version": torch.__version__,
-            "cuda_version": torch.version.cuda,
-            "device": str(device),
-            "device_name": device_name,
-            "precision": precision,
+            **run_facts(device, device_name, precision),
             "model": {**vars(cfg), "size": size_label, "num_tokens": args.vocab_size + 1,
                       "num_parameters": count_parameters(model)},
             "batch_size": args.batch_size,
@@ -237,9 +227,7 @@ def main(argv: list[str] | None = None) -> int:
             "eval": evaluation,
             "ok": ok,
         }
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"\nwrote {args.output}")
+        write_json(args.output, report)
     return 0 if ok else 1
 
 

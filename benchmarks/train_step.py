@@ -45,11 +45,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import datetime
 import gc
-import json
 import platform
-import shlex
 import statistics
 import sys
 import time
@@ -67,7 +64,7 @@ from mdlm_atat.models.dit import DiT, count_parameters
 from mdlm_atat.models.importance import ImportanceEstimator, unigram_surprisal
 from mdlm_atat.runtime import autocast_for, precision_name, resolve_device
 from mdlm_atat.train.optim import build_optimizer
-from common import model_config, move_zero_init_off_zero, synchronize  # noqa: E402 (benchmarks/ is on sys.path when run as a script)
+from common import model_config, move_zero_init_off_zero, run_facts, synchronize, write_json  # noqa: E402 (benchmarks/ is on sys.path when run as a script)
 
 VARIANTS = ("eager", "compiled", "atat", "atat-compiled")
 LOSS_PATHS = ("fused", "rows", "full")
@@ -540,13 +537,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.output is not None:
         report = {
-            "command": shlex.join([Path(sys.executable).name, *sys.argv]),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "torch_version": torch.__version__,
-            "cuda_version": torch.version.cuda,
-            "device": str(device),
-            "device_name": device_name,
-            "precision": precision_name(device, "bf16"),
+            **run_facts(device, device_name, precision_name(device, "bf16")),
             "model": {**vars(cfg), "size": size_label, "num_tokens": num_tokens},
             "batch_size": args.batch_size,
             "seq_len": args.seq_len,
@@ -561,9 +552,7 @@ def main(argv: list[str] | None = None) -> int:
             "ok": ok,
             "results": results,
         }
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"\nwrote {args.output}")
+        write_json(args.output, report)
     return 0 if ok else 1
 
 

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from mdlm_atat.config import AtatConfig, ConfigError, CurriculumConfig, ModelConfig, load_config
+from mdlm_atat.config import AtatConfig, ConfigError, ModelConfig, load_config
 from mdlm_atat.diffusion.atat import AtatTraining
 from mdlm_atat.diffusion.curriculum import Curriculum
 from mdlm_atat.diffusion.masking import standardize, tilted_mask_probs
