@@ -142,6 +142,18 @@ def _mask_prob(schedule: LogLinearSchedule, t: float) -> float:
     return float(schedule.mask_prob(torch.tensor(t, dtype=torch.float64)))
 
 
+def _steps(x: torch.Tensor, num_steps: int, step_offset: int, on_step: StepCallback | None, progress: Any):
+    """(k, t, s) for each step of the grid, t_k -> t_{k+1}; after each, the canvas x (updated in place by the
+    sampler) goes to `on_step` and the progress bar moves."""
+    grid = time_grid(num_steps)
+    for k in range(num_steps):
+        yield k, grid[k], grid[k + 1]
+        if on_step is not None:
+            on_step(step_offset + k, x)
+        if progress is not None:
+            progress.update(1)
+
+
 @torch.no_grad()
 def ancestral(
     network: Network,
@@ -160,9 +172,7 @@ def ancestral(
     x = x.clone()
     decode_step = torch.full_like(x, -1)
     B = x.shape[0]
-    grid = time_grid(num_steps)
-    for k in range(num_steps):
-        t, s = grid[k], grid[k + 1]
+    for k, t, s in _steps(x, num_steps, step_offset, on_step, progress):
         noise = _noise(schedule, t, B, x.device)
         # p(still masked at s | masked at t) = mask_prob(s) / mask_prob(t): s / t for the log-linear schedule.
         p_unmask = 1.0 - _mask_prob(schedule, s) / _mask_prob(schedule, t)
@@ -175,10 +185,6 @@ def ancestral(
                 logits = network.logits(x, noise, unmask)
             x[unmask] = gumbel_argmax(logits, mask_id, generator)
             decode_step[unmask] = step_offset + k
-        if on_step is not None:
-            on_step(step_offset + k, x)
-        if progress is not None:
-            progress.update(1)
     return x, decode_step
 
 
@@ -229,10 +235,8 @@ def confidence(
     decode_step = torch.full_like(x, -1)
     B, L = x.shape
     num_initial = (x == mask_id).sum(-1)  # (B,)
-    grid = time_grid(num_steps)
     positions = torch.arange(L, device=x.device).expand(B, L)
-    for k in range(num_steps):
-        t, s = grid[k], grid[k + 1]
+    for k, t, s in _steps(x, num_steps, step_offset, on_step, progress):
         masked = x == mask_id  # (B, L)
         count = masked.sum(-1) - confidence_schedule(num_initial, schedule, s)  # (B,): to unmask this step
         rows = count > 0
@@ -252,10 +256,6 @@ def confidence(
             chosen = masked & (rank < count[:, None])
             x[chosen] = gumbel_argmax(logits[chosen[candidates]], mask_id, generator)
             decode_step[chosen] = step_offset + k
-        if on_step is not None:
-            on_step(step_offset + k, x)
-        if progress is not None:
-            progress.update(1)
     return x, decode_step
 
 
