@@ -45,7 +45,7 @@ from mdlm_atat.diffusion.schedule import LogLinearSchedule
 from mdlm_atat.eval.likelihood import evaluate_bound
 from mdlm_atat.models.dit import DiT, count_parameters
 from mdlm_atat.runtime import autocast_for, precision_name, resolve_device
-from common import model_config, move_zero_init_off_zero, run_facts, synchronize, write_json  # noqa: E402 (benchmarks/ is on sys.path when run as a script)
+from common import fmt, model_config, move_zero_init_off_zero, print_table, run_facts, synchronize, write_json  # noqa: E402 (benchmarks/ is on sys.path when run as a script)
 
 SAMPLERS = ("ancestral", "ancestral-cache", "confidence")
 
@@ -151,10 +151,6 @@ def run_eval(model: DiT, args, device, autocast, mask_id: int) -> dict[str, Any]
     }
 
 
-def fmt(value: float | None, spec: str) -> str:
-    return "n/a" if value is None else format(value, spec)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cfg, size_label = model_config(args, 0.0)
@@ -193,10 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = [(r["sampler"], fmt(r["seconds"], ".2f"), str(r["num_network_calls"]), str(r["num_sequence_evals"]),
              fmt(r["sampled_tokens_per_s"], ",.0f"), fmt(r["speedup_vs_ancestral"], ".2f"),
              fmt(r["peak_memory_gib"], ".2f")) for r in results]
-    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
     print()
-    for row in (header, *rows):
-        print("  ".join(cell.rjust(w) for cell, w in zip(row, widths)))
+    print_table(header, rows)
     for r in results:
         if "tokens_equal_to_ancestral" in r:
             print(f"ancestral-cache vs ancestral, same seed: {100 * r['tokens_equal_to_ancestral']:.2f}% of tokens equal")

@@ -84,7 +84,8 @@ from mdlm_atat.runtime import autocast_for, precision_name
 from mdlm_atat.train import distributed
 from mdlm_atat.train.optim import build_ema, build_optimizer
 from mdlm_atat.train.trainer import build_estimator
-from common import synchronize  # noqa: E402 (benchmarks/ is on sys.path when run as a script)
+from mdlm_atat.viz.report import read_metrics
+from common import fmt, print_table, synchronize  # noqa: E402 (benchmarks/ is on sys.path when run as a script)
 
 VARIANTS = ("ddp", "ddp-compiled", "fsdp", "fsdp-compiled")
 NUM_DISTINCT_BATCHES = 4
@@ -361,11 +362,6 @@ def resume_overrides(args: argparse.Namespace, strategy: str, cache_dir: Path) -
     ]
 
 
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
-
-
 def checkpoint_summary(path: Path) -> dict[str, Any]:
     """What the check needs from a checkpoint, read memory-mapped (a small model's last.pt is over a GB)."""
     payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -418,12 +414,11 @@ def resume_check(args: argparse.Namespace, strategy: str, nproc: int, tmp: Path)
         result["error"] = "resuming on 1 process failed"
         return result
 
-    def events(run_dir: Path, name: str) -> list[dict[str, Any]]:
-        return [r for r in read_metrics(run_dir) if r["event"] == name]
-
-    start, resume_event = events(written, "start")[0], (events(resumed, "resume") or [{}])[0]
-    continued = {r["step"]: r["loss"] for r in events(written, "train")}  # steps 1 .. 2S, on N processes
-    after = {r["step"]: r["loss"] for r in events(resumed, "train")}  # steps S + 1 .. 2S, on 1
+    written_log, resumed_log = read_metrics(written), read_metrics(resumed)
+    start = written_log.starts[0]
+    resume_event = next((r for r in resumed_log.starts if r["event"] == "resume"), {})
+    continued = {r["step"]: r["loss"] for r in written_log.get("train")}  # steps 1 .. 2S, on N processes
+    after = {r["step"]: r["loss"] for r in resumed_log.get("train")}  # steps S + 1 .. 2S, on 1
     gaps = [abs(after[s] - continued[s]) / abs(continued[s]) for s in after if s in continued]
     result.update(
         written_strategy=start["strategy"],
@@ -439,8 +434,8 @@ def resume_check(args: argparse.Namespace, strategy: str, nproc: int, tmp: Path)
         loss_last_continued=continued.get(2 * steps),
         max_rel_gap=max(gaps) if gaps and all(map(math.isfinite, gaps)) else None,
         losses_finite=all(math.isfinite(v) for v in [*continued.values(), *after.values()]),
-        val_nelbo_resumed=(events(resumed, "val") or [{}])[-1].get("val_nelbo"),
-        val_nelbo_continued=(events(written, "val") or [{}])[-1].get("val_nelbo"),
+        val_nelbo_resumed=(resumed_log.get("val") or [{}])[-1].get("val_nelbo"),
+        val_nelbo_continued=(written_log.get("val") or [{}])[-1].get("val_nelbo"),
     )
     checks = {
         "the checkpoint records N processes at the saved step": (
@@ -472,18 +467,8 @@ def resume_check(args: argparse.Namespace, strategy: str, nproc: int, tmp: Path)
 # Tables and the JSON record
 
 
-def fmt(value: float | None, spec: str) -> str:
-    return "n/a" if value is None else format(value, spec)
-
-
 def percent(fraction: float | None) -> str:
     return "n/a" if fraction is None else f"{fraction:.1%}"
-
-
-def print_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
-    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
-    for row in (header, *rows):
-        print("  ".join(cell.rjust(w) for cell, w in zip(row, widths)))
 
 
 def print_results(results: list[dict[str, Any]], checks: list[dict[str, Any]]) -> None:

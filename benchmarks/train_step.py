@@ -64,7 +64,7 @@ from mdlm_atat.models.dit import DiT, count_parameters
 from mdlm_atat.models.importance import ImportanceEstimator, unigram_surprisal
 from mdlm_atat.runtime import autocast_for, precision_name, resolve_device
 from mdlm_atat.train.optim import build_optimizer
-from common import model_config, move_zero_init_off_zero, run_facts, synchronize, write_json  # noqa: E402 (benchmarks/ is on sys.path when run as a script)
+from common import fmt, model_config, move_zero_init_off_zero, print_table, run_facts, synchronize, write_json  # noqa: E402 (benchmarks/ is on sys.path when run as a script)
 
 VARIANTS = ("eager", "compiled", "atat", "atat-compiled")
 LOSS_PATHS = ("fused", "rows", "full")
@@ -444,11 +444,7 @@ def sdpa_backend(name: str):
     return sdpa_kernel([backend])
 
 
-def fmt(value: float | None, spec: str) -> str:
-    return "n/a" if value is None else format(value, spec)
-
-
-def print_table(results: list[dict[str, Any]]) -> None:
+def print_results(results: list[dict[str, Any]]) -> None:
     header = ("variant", "step ms", "tokens/s", "peak GiB", "params M", "MFU %", "1st step s", "loss[0]")
     rows = [
         (
@@ -463,9 +459,7 @@ def print_table(results: list[dict[str, Any]]) -> None:
         )
         for r in results
     ]
-    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
-    for row in (header, *rows):
-        print("  ".join(cell.rjust(w) for cell, w in zip(row, widths)))
+    print_table(header, rows)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -533,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"(peak {fmt(lb['peak_memory_gib'], '.2f')} GiB; first failing: {lb['smallest_failing']}, "
                   f"limit {lb['limit']})")
     print()
-    print_table(results)
+    print_results(results)
 
     if args.output is not None:
         report = {
