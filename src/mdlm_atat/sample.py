@@ -25,7 +25,7 @@ from mdlm_atat.data.tokenizers import Tokenizer
 from mdlm_atat.diffusion.samplers import AR_SAMPLERS, DIFFUSION_SAMPLERS, count_steps, generate
 from mdlm_atat.diffusion.schedule import LogLinearSchedule
 from mdlm_atat.eval.generation import load_reference, sample_quality
-from mdlm_atat.eval.run import load_estimator, load_for_inference
+from mdlm_atat.eval.run import load_for_inference
 from mdlm_atat.runtime import autocast_for, precision_name, resolve_device
 from mdlm_atat.train.checkpoint import resolve_checkpoint
 from mdlm_atat.viz.trace import write_trace_html
@@ -109,7 +109,9 @@ def sample_checkpoint(
     """Generate `num_samples` texts; returns the summary (with the texts under "samples")."""
     path = resolve_checkpoint(checkpoint)
     torch_device = resolve_device(device)
-    model, cfg, tokenizer, meta = load_for_inference(path, use_ema=use_ema, device=torch_device)
+    model, cfg, tokenizer, meta = load_for_inference(
+        path, use_ema=use_ema, device=torch_device, with_estimator=order == "easy-first"
+    )
     is_ar = cfg.model.name == "ar"
     sampler = sampler or ("ar" if is_ar else "ancestral")
     allowed = AR_SAMPLERS if is_ar else DIFFUSION_SAMPLERS
@@ -142,9 +144,13 @@ def sample_checkpoint(
         notes.append("the model is time-conditioned: ancestral-cache falls back to ancestral (no cache)")
 
     ref = load_reference(reference, device=torch_device) if reference else None  # before the work: fail fast
-    importance = None
+    importance = meta.get("estimator")
     if order == "easy-first":
-        importance = load_estimator(path, cfg, tokenizer, device=torch_device)
+        if importance is None:
+            raise ConfigError(
+                f"{path}: no importance estimator saved with it (an MDLM run, atat.enabled=false); "
+                "easy-first order needs an ATAT checkpoint, or use the confidence order"
+            )
         if cfg.atat.importance_mode == "none":
             notes.append("the estimator's importance_mode is none: every position rates the same (left to right)")
     schedule = LogLinearSchedule(cfg.diffusion.eps)  # the schedule the model was trained with

@@ -20,14 +20,21 @@ from mdlm_atat.train.trainer import build_estimator, make_objective
 
 
 def load_for_inference(
-    checkpoint: str | Path, use_ema: bool = True, device: torch.device | str = "cpu"
+    checkpoint: str | Path, use_ema: bool = True, device: torch.device | str = "cpu", with_estimator: bool = False
 ) -> tuple[torch.nn.Module, Config, Tokenizer, dict[str, Any]]:
     """(model in eval mode, config, tokenizer, the checkpoint's metadata) from a .pt file, a run folder or an
-    `atat export` folder."""
+    `atat export` folder. With `with_estimator`, the metadata's "estimator" is ATAT's importance estimator saved
+    with the weights, in eval mode, or None for a run without one (the MDLM baseline)."""
     if is_export_dir(checkpoint):
         from mdlm_atat.export import load_export
 
-        return load_export(checkpoint, use_ema=use_ema, device=device)
+        model, cfg, tokenizer, meta = load_export(checkpoint, use_ema=use_ema, device=device)
+        if with_estimator:
+            from safetensors.torch import load_file
+
+            file = Path(checkpoint) / "estimator.safetensors"
+            meta["estimator"] = _estimator(cfg, tokenizer, load_file(str(file)) if file.is_file() else None, device)
+        return model, cfg, tokenizer, meta
     payload = load_checkpoint(checkpoint)
     cfg = from_dict(payload["config"])
     tokenizer = Tokenizer.from_json(payload["tokenizer"])
@@ -41,28 +48,16 @@ def load_for_inference(
         "config_hash": payload["config_hash"],
         "weights": "ema" if weights is payload.get("ema") else "raw",
     }
+    if with_estimator:  # from the payload already read: a checkpoint with its optimiser is GBs at real sizes
+        meta["estimator"] = _estimator(cfg, tokenizer, payload.get("estimator"), device)
     return model, cfg, tokenizer, meta
 
 
-def load_estimator(checkpoint: str | Path, cfg: Config, tokenizer: Tokenizer, device: torch.device | str = "cpu"):
-    """ATAT's importance estimator saved with a checkpoint (or an `atat export` folder), in eval mode.
-
-    Reads the checkpoint file again (load_for_inference keeps only the denoiser). A run without an estimator
-    (the MDLM baseline) is a ConfigError that says so.
-    """
-    if is_export_dir(checkpoint):
-        from safetensors.torch import load_file
-
-        file = Path(checkpoint) / "estimator.safetensors"
-        state = load_file(str(file)) if file.is_file() else None
-    else:
-        state = load_checkpoint(checkpoint).get("estimator")
+def _estimator(cfg: Config, tokenizer: Tokenizer, state: dict | None, device: torch.device | str):
+    """The importance estimator from its saved state (buffers included), in eval mode; None without one."""
     estimator = build_estimator(cfg, tokenizer.num_tokens, None) if state else None
     if estimator is None:
-        raise ConfigError(
-            f"{checkpoint}: no importance estimator saved with it (an MDLM run, atat.enabled=false); "
-            "easy-first order needs an ATAT checkpoint, or use the confidence order"
-        )
+        return None
     estimator.load_state_dict(state)
     return estimator.to(device).eval()
 
