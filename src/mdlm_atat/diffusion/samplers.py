@@ -178,11 +178,10 @@ def ancestral(
         p_unmask = 1.0 - _mask_prob(schedule, s) / _mask_prob(schedule, t)
         u = torch.rand(x.shape, generator=generator, device=x.device, dtype=torch.float64)  # (B, L)
         unmask = (x == mask_id) & (u < p_unmask)  # (B, L)
-        if not cache:
-            logits = network.logits(x, noise, unmask)  # MDLM's ddpm_update: one call per step, whatever it decodes
-        if unmask.any():
-            if cache:
-                logits = network.logits(x, noise, unmask)
+        decoding = bool(unmask.any())
+        if decoding or not cache:  # without the cache, MDLM's ddpm_update: one call per step, whatever it decodes
+            logits = network.logits(x, noise, unmask)
+        if decoding:
             x[unmask] = gumbel_argmax(logits, mask_id, generator)
             decode_step[unmask] = step_offset + k
     return x, decode_step
