@@ -35,7 +35,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -274,7 +274,6 @@ class Run:
     evals: dict[str, dict[str, Any]]  # corpus name -> atat eval's JSON
     curve: tuple[list[float], list[float]]  # (tokens seen, validation NELBO) of the trainer's evaluations
     records: Any = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def nelbo(self, corpus: str) -> float:
         return self.evals[corpus]["nelbo"]
