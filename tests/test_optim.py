@@ -31,14 +31,30 @@ def test_weight_decay_only_on_matrices():
     assert plain["weight_decay"] == 0.0 and all(p.ndim == 1 for p in plain["params"])
 
 
-def test_ema_tracks_the_average():
+def test_ema_starts_from_the_initial_weights_with_mdlms_decay_warmup():
     model = torch.nn.Linear(1, 1, bias=False)
     torch.nn.init.zeros_(model.weight)
     ema = build_ema(model, 0.9)
-    ema.update_parameters(model)  # the first update copies
     with torch.no_grad():
         model.weight.fill_(1.0)
-    ema.update_parameters(model)
-    assert ema.module.weight.item() == pytest.approx(0.1)
+    ema.update_parameters(model)  # update 1: decay min(0.9, 2 / 11)
+    assert ema.module.weight.item() == pytest.approx(1 - 2 / 11)
+    assert ema.num_updates == 1
     assert build_ema(model, 0.0) is None
-    assert math.isfinite(ema.module.weight.item())
+
+
+def test_ema_forgets_the_first_weights_as_mdlms_does():
+    """Issue D1: one update at weight 1, then 9,999 at 0. MDLM's EMA keeps prod_n min(d, (1+n)/(10+n)) of the
+    first weights (2e-29 here); a fixed 0.9999 decay from the first update kept 0.3679."""
+    model = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.ones_(model.weight)
+    ema = build_ema(model, 0.9999)
+    ema.update_parameters(model)
+    torch.nn.init.zeros_(model.weight)
+    for _ in range(9999):
+        ema.update_parameters(model)
+    expected = 1.0
+    for n in range(2, 10001):  # update 1 averaged the weight 1 into a shadow of 1
+        expected *= min(0.9999, (1 + n) / (10 + n))
+    assert ema.module.weight.item() == pytest.approx(expected, rel=1e-4, abs=0.0)
+    assert ema.module.weight.item() < 1e-6

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from mdlm_atat.config import TrainingConfig
 
@@ -51,8 +51,40 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainingConfig) -> La
     return LambdaLR(optimizer, lambda step: lr_multiplier(step, cfg))
 
 
-def build_ema(model: torch.nn.Module, decay: float) -> AveragedModel | None:
-    """An exponential moving average of the weights, used for evaluation and sampling; None when decay is 0."""
+class ModelEMA:
+    """MDLM's exponential moving average of the weights (MDLM models/ema.py), used for evaluation and sampling.
+
+    The average starts from the weights it is built with (before the first optimiser step) and, at update n
+    (1, 2, ...), decays by min(decay, (1 + n) / (10 + n)): the warm-up lets the first thousands of updates wash
+    out, where a fixed 0.9999 would keep 37% of its weight on the initial weights after 10,000 updates. The update
+    is MDLM's arithmetic (shadow -= (1 - d) (shadow - param)), so the two agree bit for bit.
+    `module` is a copy of the model holding the averaged weights (buffers are copied at construction: the
+    models' buffers are constants).
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.num_updates = 0
+        self.module = copy.deepcopy(model)
+
+    def current_decay(self) -> float:
+        """The decay the next update applies."""
+        n = self.num_updates + 1
+        return min(self.decay, (1 + n) / (10 + n))
+
+    @torch.no_grad()
+    def update_parameters(self, model: torch.nn.Module) -> None:
+        one_minus_decay = 1.0 - self.current_decay()
+        self.num_updates += 1
+        shadow = list(self.module.parameters())
+        params = [p.detach() for p in model.parameters()]
+        diff = torch._foreach_sub(shadow, params)
+        torch._foreach_mul_(diff, one_minus_decay)
+        torch._foreach_sub_(shadow, diff)
+
+
+def build_ema(model: torch.nn.Module, decay: float) -> ModelEMA | None:
+    """The EMA of `model`'s weights (MDLM's, with its decay warm-up); None when decay is 0."""
     if decay == 0:
         return None
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    return ModelEMA(model, decay)

@@ -133,7 +133,7 @@ def _train(
             estimator.load_state_dict(payload["estimator"])
         if ema is not None:
             ema.module.load_state_dict(payload["ema"])
-            ema.n_averaged.fill_(payload["ema_num_updates"])
+            ema.num_updates = int(payload["ema_num_updates"])
         state = TrainState(**payload["state"])
         set_rng_state(payload["rng"])
     # compile, then DDP / FSDP2 (train/distributed.py). `model` and `estimator` stay the modules whose state is
@@ -199,7 +199,7 @@ def _train(
             "estimator": estimator.state_dict() if estimator is not None else None,
             "curriculum": asdict(atat.curriculum.state(state.step)) if atat is not None else None,
             "ema": distributed.full_state_dict(ema.module, keep=dist_env.is_main) if ema is not None else None,
-            "ema_num_updates": int(ema.n_averaged) if ema is not None else 0,
+            "ema_num_updates": ema.num_updates if ema is not None else 0,
             "optimizer": distributed.full_optimizer_state_dict(optimizer, keep=dist_env.is_main),
             "scheduler": scheduler.state_dict(),
             "rng": rng_state(),
