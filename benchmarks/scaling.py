@@ -217,7 +217,10 @@ def run_worker(args: argparse.Namespace) -> None:
                         nelbo = objective(parallel.model, x0, t=t_all[rows], uniform_noise=noise_all[rows]).loss
                         loss = nelbo
                     else:
-                        atat_step = atat(objective, parallel.model, x0, t_all[rows], i, uniform_noise=noise_all[rows])
+                        atat_step = atat(
+                            objective, parallel.model, x0, t_all[rows], i, uniform_noise=noise_all[rows],
+                            row_offset=rows.start,
+                        )
                         nelbo = atat_step.terms.loss
                         loss = nelbo + atat_step.estimator_loss  # disjoint parameters: stop-gradient both ways
                 (loss / args.accumulation).backward()

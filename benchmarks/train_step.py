@@ -58,7 +58,7 @@ import torch
 
 from mdlm_atat.config import MODEL_SIZES, ModelConfig, TrainingConfig, load_config
 from mdlm_atat.diffusion.atat import AtatTraining
-from mdlm_atat.diffusion.objective import MaskedDiffusionObjective
+from mdlm_atat.diffusion.objective import MaskedDiffusionObjective, mask_draws
 from mdlm_atat.diffusion.schedule import LogLinearSchedule
 from mdlm_atat.models.dit import DiT, count_parameters
 from mdlm_atat.models.importance import ImportanceEstimator, unigram_surprisal
@@ -177,7 +177,7 @@ def make_batches(
     for _ in range(NUM_DISTINCT_BATCHES):
         x0 = torch.randint(0, args.vocab_size, (args.batch_size, args.seq_len), generator=gen)
         t = objective.sample_t(args.batch_size, "cpu", gen)
-        noise = torch.rand(args.batch_size, args.seq_len, generator=gen)
+        noise = mask_draws((args.batch_size, args.seq_len), generator=gen)
         batches.append(Batch(x0.to(device), t.to(device), noise.to(device)))
     return batches
 

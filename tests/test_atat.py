@@ -40,40 +40,54 @@ def test_standardize_is_zero_mean_unit_std_and_clipped():
     assert torch.equal(standardize(torch.full((2, 10), 0.5)), torch.zeros(2, 10))  # constant s: no tilt
 
 
-@pytest.mark.parametrize("beta", [-1.0, 0.5, 2.0])
-def test_tilted_probs_hit_the_endpoints_and_are_monotone_in_t(beta):
+SCHEDULE = LogLinearSchedule(EPS)
+
+
+def tilted(t, z, beta, balanced=False, attention=None):
+    return tilted_mask_probs(SCHEDULE, torch.as_tensor(t, dtype=torch.float32), z, beta, balanced, attention)
+
+
+@pytest.mark.parametrize("beta", [-3.0, -1.0, 0.5, 2.0, 3.0])
+def test_tilted_probs_hit_mdlms_endpoints_and_are_monotone_in_t(beta):
+    """DESIGN 3.3 (issue D2): p_i(0) = 0 and p_i(1) = 1 - eps = MDLM's rate for every token, whatever its z."""
     z = random_z()
-    rates = torch.linspace(0, 1, 101)
-    probs = torch.stack([tilted_mask_probs(r.expand(4), z, beta) for r in rates])  # (T, B, L)
-    assert torch.all(probs[0] == 0) and torch.all(probs[-1] == 1)
+    z[0, :3] = torch.tensor([-3.0, 0.0, 3.0])  # the extremes of the clipped range
+    times = torch.linspace(0, 1, 101)
+    probs = torch.stack([tilted(t.expand(4), z, beta) for t in times])  # (T, B, L)
+    assert torch.all(probs[0] == 0)
+    mdlm_at_1 = SCHEDULE.mask_prob(torch.ones(1))  # float32 1 - eps
+    assert torch.all(probs[-1] == mdlm_at_1)
     assert torch.all(probs[1:] >= probs[:-1])
-    # Bounded tilt: p_i / rate within exp(+-3 |beta|) at every interior t.
-    ratio = probs[1:-1] / rates[1:-1, None, None]
+    # Bounded tilt: p_i / alpha(t) within exp(+-3 |beta|) at every interior t.
+    ratio = probs[1:-1] / SCHEDULE.mask_prob(times[1:-1])[:, None, None]
     assert ratio.max() <= math.exp(3 * abs(beta)) * 1.0001 and ratio.min() >= math.exp(-3 * abs(beta)) / 1.0001
 
 
 def test_beta_zero_is_mdlm_rate_exactly():
-    rate = torch.tensor([0.1, 0.5, 0.9, 0.3])
-    probs = tilted_mask_probs(rate, random_z(), 0.0)
-    assert torch.equal(probs, rate[:, None].expand(4, 64))
+    t = torch.tensor([0.1, 0.5, 0.9, 0.3])
+    probs = tilted(t, random_z(), 0.0)
+    assert torch.equal(probs, SCHEDULE.mask_prob(t)[:, None].expand(4, 64))
 
 
 def test_importance_masks_high_z_more_and_inverse_less():
     z = random_z()
-    rate = torch.full((4,), 0.4)
+    t = torch.full((4,), 0.4)
+    rate = float(SCHEDULE.mask_prob(t[:1]))
     hard = z > 1
-    assert tilted_mask_probs(rate, z, 1.0)[hard].min() > 0.4
-    assert tilted_mask_probs(rate, z, -1.0)[hard].max() < 0.4
+    assert tilted(t, z, 1.0)[hard].min() > rate
+    assert tilted(t, z, -1.0)[hard].max() < rate
 
 
-def test_balanced_mean_equals_the_rate():
+def test_balanced_mean_equals_mdlms_rate():
     z = random_z(B=6)
-    rate = torch.tensor([0.01, 0.2, 0.5, 0.7, 0.95, 0.999])
-    probs = tilted_mask_probs(rate, z, 1.5, balanced=True)
+    t = torch.tensor([0.01, 0.2, 0.5, 0.7, 0.95, 1.0])
+    rate = SCHEDULE.mask_prob(t)
+    probs = tilted(t, z, 1.5, balanced=True)
     torch.testing.assert_close(probs.mean(-1), rate, atol=1e-5, rtol=0)
+    assert torch.all(probs[-1] == rate[-1])  # t = 1: all-MASK (up to eps) needs no shift
     attention = torch.ones(6, 64, dtype=torch.bool)
     attention[:, 40:] = False
-    probs = tilted_mask_probs(rate, standardize(torch.randn(6, 64), attention), 1.5, True, attention)
+    probs = tilted(t, standardize(torch.randn(6, 64), attention), 1.5, True, attention)
     torch.testing.assert_close(probs[:, :40].mean(-1), rate, atol=1e-5, rtol=0)
 
 
@@ -85,7 +99,7 @@ def test_corrected_weights_keep_each_tokens_expected_weight():
     objective = MaskedDiffusionObjective(schedule, mask_id=V)
     z = random_z(B=1, L=L)
     t = torch.full((draws,), 0.3)
-    probs = tilted_mask_probs(schedule.mask_prob(t), z.expand(draws, L), 1.0)  # (draws, L)
+    probs = tilted_mask_probs(schedule, t, z.expand(draws, L), 1.0)  # (draws, L)
     x0 = torch.zeros(draws, L, dtype=torch.long)
     terms = objective(lambda x, s: torch.zeros(draws, L, V + 1), x0, t=t, mask_probs=probs)
     per_position = (terms.masked * terms.weight).mean(0)  # (L,)
@@ -195,6 +209,39 @@ def test_stop_gradient_both_ways():
     assert all(g is None or torch.all(g == 0) for g in est_grads)  # and its loss never reaches the denoiser
     assert any(g is not None and g.abs().sum() > 0
                for g in torch.autograd.grad(step.estimator_loss, list(estimator.parameters()), allow_unused=True))
+
+
+def test_estimator_target_does_not_move_with_beta():
+    """Issue D4: the estimator's fixed point must not depend on the masks it tilts. With the same x0, t and draws,
+    its targets at beta = -1 and +1 are the uniform rows' (every 4th), bit for bit those at beta = 0 there."""
+    torch.manual_seed(0)
+    V, B, L = 30, 16, 24
+    model = DiT(ModelConfig(hidden_dim=16, num_layers=1, num_heads=2, cond_dim=8, dropout=0.0), V + 1).eval()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    objective = MaskedDiffusionObjective(LogLinearSchedule(EPS), mask_id=V)
+    x0 = torch.randint(0, V, (B, L))
+    t = objective.sample_t(B, "cpu")
+    noise = torch.rand(B, L, dtype=torch.float64)
+    steps = {}
+    for beta, masking in ((-1.0, "inverse"), (0.0, "uniform"), (1.0, "importance")):
+        cfg = load_config(None, ["atat.estimator_warmup_steps=0", "curriculum.variant=none", "atat.beta0=1.0",
+                                 f"atat.masking={masking}", "atat.estimator_hidden_dim=16",
+                                 "atat.estimator_num_heads=2", "atat.estimator_cond_dim=8"])
+        torch.manual_seed(1)  # the same estimator: the surprisal prior gives every token its own z
+        estimator = ImportanceEstimator(cfg.atat, V + 1, unigram_surprisal(torch.arange(V + 1.0) ** 2, V + 1))
+        steps[beta] = AtatTraining(cfg, estimator)(objective, model, x0, t, step=10, uniform_noise=noise, row_offset=8)
+        assert steps[beta].state.beta == beta
+    uniform_rows = torch.arange(8, 8 + B) % 4 == 0
+    base = steps[0.0]
+    assert torch.equal(base.target_positions, base.terms.masked)  # beta = 0: every row is uniformly masked
+    for beta in (-1.0, 1.0):
+        step = steps[beta]
+        assert torch.equal(step.target_positions, step.terms.masked & uniform_rows[:, None])
+        assert torch.equal(step.terms.masked[uniform_rows], base.terms.masked[uniform_rows])
+        assert torch.equal(step.estimator_target[uniform_rows], base.estimator_target[uniform_rows])
+        assert not torch.equal(step.terms.masked[~uniform_rows], base.terms.masked[~uniform_rows])  # a real tilt
+    assert not torch.equal(steps[-1.0].terms.masked, steps[1.0].terms.masked)
 
 
 # ---------------------------------------------------------------------------------------------------- training

@@ -103,3 +103,14 @@ def test_a_preset_on_the_command_line_replaces_what_the_file_spells_out():
     assert (cfg.curriculum.stage_1_end, cfg.curriculum.stage_2_end) == (0.35, 0.8)
     with pytest.raises(ConfigError, match="^model.hidden_dim"):  # both on the command line: a real conflict
         load_config(CONFIG_DIR / "openwebtext.yaml", ["model.size=tiny", "model.hidden_dim=256"])
+
+
+def test_a_strong_tilt_is_valid_but_named_with_its_cost():
+    from mdlm_atat.config import advisories
+
+    assert advisories(load_config(None, ["atat.beta0=1.0"])) == []
+    assert advisories(load_config(None, ["atat.beta0=2.0", "atat.enabled=false"])) == []
+    (line,) = advisories(load_config(None, ["atat.beta0=2.0"]))
+    assert "atat.beta0=2" in line and "403x" in line
+    with pytest.raises(ConfigError, match="atat.uniform_every"):
+        load_config(None, ["atat.uniform_every=1"])

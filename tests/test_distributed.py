@@ -73,6 +73,7 @@ def test_step_draws_are_stratified_over_the_global_batch_and_a_function_of_seed_
     gen = torch.Generator()
     t, noise = distributed.step_draws(objective, 0, 5, 16, 8, torch.device("cpu"), gen)
     assert t.shape == (16,) and noise.shape == (16, 8)
+    assert noise.dtype == torch.float64  # issue D3: the masks' draws resolve p below float32's 2^-24 spacing
     eps = cfg.diffusion.eps
     strata = torch.floor((t.double() - eps) / (1 - eps) * 16).long()
     assert sorted(strata.tolist()) == list(range(16))  # one t in each of the global batch's 16 strata
@@ -125,7 +126,7 @@ def _modules_and_batch():
 
 def _micro_step(atat, objective, forward_model, batch, rows, accum) -> torch.Tensor:
     x0, t, noise = (v[rows] for v in batch)
-    step = atat(objective, forward_model, x0, t, step=10, uniform_noise=noise)
+    step = atat(objective, forward_model, x0, t, step=10, uniform_noise=noise, row_offset=rows.start)
     ((step.terms.loss + step.estimator_loss) / accum).backward()
     return step.terms.loss.detach() / accum
 

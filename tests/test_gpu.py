@@ -15,7 +15,7 @@ import torch
 from conftest import CONFIG_DIR
 
 from mdlm_atat.config import ModelConfig, load_config
-from mdlm_atat.diffusion.objective import MaskedDiffusionObjective
+from mdlm_atat.diffusion.objective import MaskedDiffusionObjective, mask_draws
 from mdlm_atat.diffusion.schedule import LogLinearSchedule
 from mdlm_atat.models.dit import DiT, DiTBlock, FinalLayer
 
@@ -173,3 +173,11 @@ def test_atat_train_end_to_end_on_cuda(tmp_path, compile_model):
     assert summary["val"] is not None and math.isfinite(summary["val"]["nelbo"])
     payload = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     assert not any(key.startswith("_orig_mod.") for key in payload["model"])  # the unwrapped module is saved
+
+
+def test_cuda_mask_draws_resolve_below_float32_spacing():
+    """Issue D3 on CUDA's generator: float64 uniforms there must not be multiples of 2^-24 (or of 2^-32)."""
+    u = mask_draws((1 << 20,), "cuda", torch.Generator("cuda").manual_seed(0)).cpu()
+    assert u.dtype == torch.float64
+    assert ((u * 2**32) % 1 != 0).double().mean().item() > 0.99
+    assert 0.0 <= u.min().item() and u.max().item() < 1.0

@@ -113,6 +113,9 @@ class AtatConfig:
     importance_mode: str = "full"  # full | learned_only | frequency_only | none
     masking: str = "importance"  # importance (beta > 0 masks hard tokens more) | inverse | balanced | uniform
     beta0: float = 0.5  # tilt strength in logit space; p_i / t stays within about exp(+-3 beta0)
+    # Every uniform_every-th row of the global batch keeps MDLM's uniform masks under a tilt; the estimator learns
+    # from those rows (from every row while beta = 0), so its target does not move with beta (DESIGN 3.2).
+    uniform_every: int = 4
     correction: bool = True  # weight 1/p_i (keeps each token's expected weight); false = the "focus" ablation
     estimator_hidden_dim: int = 128
     estimator_num_layers: int = 2
@@ -356,6 +359,22 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 # Validation of values (types were checked while building).
 
 
+SAFE_BETA0 = 1.0  # above it the 1/p_i weights' spread, up to exp(3 beta0) times MDLM's 1/t, inflates the loss variance
+
+
+def advisories(cfg: Config) -> list[str]:
+    """Valid settings a user should know the cost of: one line each, printed when a run starts."""
+    notes = []
+    a = cfg.atat
+    if a.enabled and a.masking != "uniform" and a.beta0 > SAFE_BETA0:
+        notes.append(
+            f"atat.beta0={a.beta0:g} is above {SAFE_BETA0:g}: a masked token's weight can reach "
+            f"exp(3 beta0) = {math.exp(3 * a.beta0):.0f}x MDLM's 1/t (1/p_i keeps its expectation, not its "
+            f"variance); 0.25-1 is the range the ablations use"
+        )
+    return notes
+
+
 def _require(ok: bool, key: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"{key}: {message}")
@@ -432,6 +451,7 @@ def validate(cfg: Config) -> None:
     _one_of(a.importance_mode, "atat.importance_mode", ("full", "learned_only", "frequency_only", "none"))
     _one_of(a.masking, "atat.masking", ("importance", "inverse", "balanced", "uniform"))
     _require(0 <= a.beta0 <= 5, "atat.beta0", f"must be in [0, 5] (p_i / t is bounded by exp(3 beta0)), got {a.beta0}")
+    _require(a.uniform_every >= 2, "atat.uniform_every", f"must be >= 2 (1 would mask every row uniformly), got {a.uniform_every}")
     for key in ("estimator_hidden_dim", "estimator_num_layers", "estimator_num_heads", "estimator_cond_dim"):
         value = getattr(a, key)
         _require(value >= 1, f"atat.{key}", f"must be >= 1, got {value}")

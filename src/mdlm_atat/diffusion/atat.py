@@ -4,6 +4,12 @@ Stop-gradient both ways: the masks and the 1/p_i weights use the estimator's out
 loss sends no gradient into the estimator; the estimator's targets are the rank percentiles of the denoiser's
 detached per-token losses, so its loss sends none into the denoiser. Both losses are summed and back-propagated
 once; each reaches only its own parameters, which sit in their own optimiser groups.
+
+The estimator's target must not depend on its own masks: under a tilt, a token's loss is seen mostly where the
+tilt masked it, and its rank among the masked tokens of its sequence moves with beta (by 0.27 for the median
+token at beta = +-1). So every `uniform_every`-th row of the global batch keeps MDLM's uniform masks while beta
+!= 0, and the estimator learns from those rows alone (from every row while beta = 0): its fixed point, the
+expected rank of each token's loss under uniform masking, is the same at every beta.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ class AtatStep:
     estimator_loss: torch.Tensor  # scalar, 0 when the estimator has no parameters
     state: CurriculumState
     stats: dict[str, torch.Tensor]  # device scalars, filled only when asked for (logging steps)
+    estimator_target: torch.Tensor | None  # (B, L) rank percentiles the estimator regresses on; None unlearned
+    target_positions: torch.Tensor | None  # (B, L) bool: where it does (masked positions of uniform rows)
 
 
 class AtatTraining:
@@ -48,28 +56,37 @@ class AtatTraining:
         attention_mask: torch.Tensor | None = None,
         with_stats: bool = False,
         uniform_noise: torch.Tensor | None = None,
+        row_offset: int = 0,
     ) -> AtatStep:
         """`uniform_noise` (B, L): the masks' draws, as the objective takes them (the trainer passes the global
-        batch's rows, train/distributed.py)."""
+        batch's rows, train/distributed.py); `row_offset`: the global batch index of x0's first row, which
+        decides the uniform rows independently of how many processes share the batch."""
         state = self.curriculum.state(step)
         importance_logits = self.forward(x0, t)  # (B, L)
         s = torch.sigmoid(importance_logits.detach())  # (B, L), stop-gradient into the masks and weights
         mask_probs = None
+        uniform = torch.ones(x0.shape[0], dtype=torch.bool, device=x0.device)  # (B,) rows with MDLM's masks
         if state.beta != 0.0:
             z = standardize(s, attention_mask)
-            rate = objective.schedule.mask_prob(t)
-            mask_probs = tilted_mask_probs(rate, z, state.beta, self.cfg.masking == "balanced", attention_mask)
+            balanced = self.cfg.masking == "balanced"
+            tilted = tilted_mask_probs(objective.schedule, t, z, state.beta, balanced, attention_mask)  # (B, L)
+            rows = torch.arange(row_offset, row_offset + x0.shape[0], device=x0.device)
+            uniform = rows % self.cfg.uniform_every == 0
+            rate = objective.schedule.mask_prob(t)[:, None].expand_as(tilted)  # (B, L)
+            mask_probs = torch.where(uniform[:, None], rate, tilted)
         terms = objective(
             model, x0, t=t, attention_mask=attention_mask, uniform_noise=uniform_noise, mask_probs=mask_probs,
             correction=self.cfg.correction,
         )
+        target = positions = None
         if self.estimator.learned:
-            target = rank_percentile(terms.token_nll.detach(), terms.masked)
-            est_loss = estimator_loss(importance_logits, target, terms.masked, self.cfg.estimator_loss)
+            positions = terms.masked & uniform[:, None]  # (B, L)
+            target = rank_percentile(terms.token_nll.detach(), positions)
+            est_loss = estimator_loss(importance_logits, target, positions, self.cfg.estimator_loss)
         else:
             est_loss = torch.zeros((), device=x0.device)
         stats = self._stats(terms, s, mask_probs, objective, attention_mask) if with_stats else {}
-        return AtatStep(terms, est_loss, state, stats)
+        return AtatStep(terms, est_loss, state, stats, target, positions)
 
     @torch.no_grad()
     def _stats(self, terms, s, mask_probs, objective, attention_mask) -> dict[str, torch.Tensor]:

@@ -50,6 +50,17 @@ class NelboTerms:
         return self.token_loss.sum(-1) / self.tokens_per_sequence
 
 
+def mask_draws(
+    shape: tuple[int, ...], device: torch.device | str = "cpu", generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """The uniforms that decide the masks (token i is masked iff u_i < p_i), in float64.
+
+    float32 uniforms are multiples of 2^-24 (on CPU), so a probability below ~1e-5 would be rounded up while its
+    weight stays 1/p_i: at p = 1.2e-7 a token was masked 1.49x too often. Tilted masks reach such p near t = eps.
+    """
+    return torch.rand(shape, device=device, generator=generator, dtype=torch.float64)
+
+
 def masked_token_nll(logits: torch.Tensor, x0: torch.Tensor, masked: torch.Tensor, mask_id: int) -> torch.Tensor:
     """-log p_theta(x0_i | x_t) under SUBS at masked positions, 0 elsewhere.
 
@@ -100,12 +111,12 @@ class MaskedDiffusionObjective:
         """Forward process q(x_t | x0): each real token becomes MASK with probability alpha(t).
 
         x0 (B, L), t (B,) -> x_t (B, L), masked (B, L) bool. Padding is never masked. `uniform_noise` (B, L)
-        in [0, 1) replaces the draw (evaluation passes noise drawn on the CPU so results match across devices).
+        in [0, 1) (float64, see mask_draws) replaces the draw (evaluation passes noise drawn on the CPU so results match across devices).
         `mask_probs` (B, L) replaces alpha(t) per token (adaptive masking, DESIGN 3.3).
         """
         probs = self.schedule.mask_prob(t)[:, None] if mask_probs is None else mask_probs  # (B, 1) or (B, L)
         if uniform_noise is None:
-            uniform_noise = torch.rand(x0.shape, device=x0.device, generator=generator)
+            uniform_noise = mask_draws(x0.shape, x0.device, generator)
         masked = uniform_noise < probs  # (B, L)
         if attention_mask is not None:
             masked &= attention_mask.bool()

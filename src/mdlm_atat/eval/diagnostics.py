@@ -19,7 +19,7 @@ import torch
 
 from mdlm_atat.data.tokenizers import Tokenizer
 from mdlm_atat.diffusion.masking import standardize, tilted_mask_probs
-from mdlm_atat.diffusion.objective import Denoiser, MaskedDiffusionObjective
+from mdlm_atat.diffusion.objective import Denoiser, MaskedDiffusionObjective, mask_draws
 from mdlm_atat.models.importance import ImportanceEstimator
 
 NUM_FREQUENCY_BINS = 5
@@ -97,7 +97,7 @@ def importance_diagnostics(
         x0 = x0.to(device)
         B, L = x0.shape
         t = objective.schedule.sample_t(B, generator=generator).to(device)  # stratified over the batch
-        noise = torch.rand(x0.shape, generator=generator).to(device)
+        noise = mask_draws(x0.shape, generator=generator).to(device)
         with autocast or contextlib.nullcontext():
             terms = objective(model, x0, t=t, uniform_noise=noise)
         s = estimator(x0, t)  # (B, L) logits: ranks are the same as s's
@@ -179,10 +179,9 @@ def masking_profile(
         for k, t_value in enumerate(t_grid):
             t = torch.full((B,), float(t_value), device=device)
             z = standardize(torch.sigmoid(estimator(x0, t)), real)  # (B, L)
-            rate = schedule.mask_prob(t)  # (B,)
             counts[k].index_add_(0, flat_bins, torch.ones_like(flat_bins, dtype=torch.float64))
             for stage, beta in betas.items():
-                p = tilted_mask_probs(rate, z, beta, balanced, real)  # (B, L)
+                p = tilted_mask_probs(schedule, t, z, beta, balanced, real)  # (B, L)
                 sums[stage][k].index_add_(0, flat_bins, p[keep].double())
     estimator.train(was_training)
     rate = schedule.mask_prob(torch.tensor(t_grid, dtype=torch.float64))

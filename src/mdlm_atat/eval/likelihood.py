@@ -16,7 +16,7 @@ from typing import Iterable
 
 import torch
 
-from mdlm_atat.diffusion.objective import Denoiser, MaskedDiffusionObjective
+from mdlm_atat.diffusion.objective import Denoiser, MaskedDiffusionObjective, mask_draws
 
 
 @dataclass
@@ -76,7 +76,7 @@ def evaluate_bound(
         per_t = []
         for t in times:
             # (B, L), drawn on CPU for determinism
-            noise = None if t is None else torch.rand(x0.shape, generator=generator).to(device)
+            noise = None if t is None else mask_draws(x0.shape, generator=generator).to(device)
             with autocast or contextlib.nullcontext():
                 terms = objective(model, x0, t=t, uniform_noise=noise, attention_mask=real)
             per_t.append(terms.sequence_loss.double())

@@ -37,6 +37,7 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from mdlm_atat.config import ConfigError, TrainingConfig
+from mdlm_atat.diffusion.objective import mask_draws
 from mdlm_atat.runtime import resolve_device
 
 T = TypeVar("T")
@@ -208,7 +209,7 @@ def step_draws(
     corruption of a sample does not depend on how many processes share the batch."""
     generator.manual_seed(derived_seed(seed, _DRAWS, step))
     t = objective.sample_t(num_rows, device, generator)  # (num_rows,)
-    noise = torch.rand((num_rows, seq_len), device=device, generator=generator)  # (num_rows, L)
+    noise = mask_draws((num_rows, seq_len), device, generator)  # (num_rows, L) float64
     return t, noise
 
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mdlm_atat.config import Config, ConfigError
+from mdlm_atat.config import Config, ConfigError, advisories
 from mdlm_atat.data.loader import attention_mask, eval_batches, train_batches
 from mdlm_atat.data.tokenizers import Tokenizer
 from mdlm_atat.diffusion.atat import AtatTraining
@@ -40,7 +40,7 @@ from mdlm_atat.train.checkpoint import (
     RunDirError, checkpoint_dir, has_checkpoint, load_resume_checkpoint, rng_state, save_checkpoint, set_rng_state,
 )
 from mdlm_atat.train.faults import GracefulStop, NonFiniteGuard, check_writable
-from mdlm_atat.train.metrics import MetricsLog, build_sinks
+from mdlm_atat.train.metrics import MetricsLog, build_sinks, note
 from mdlm_atat.train.optim import build_ema, build_optimizer, build_scheduler
 
 
@@ -165,6 +165,9 @@ def _train(
         MetricsLog(run_dir / "metrics.jsonl", build_sinks(cfg, run_dir)) if dist_env.is_main
         else distributed.SilentLog()
     )
+    if dist_env.is_main:
+        for line in advisories(cfg):
+            note(line)
     metrics.write(
         {
             "event": "start" if payload is None else "resume",
@@ -239,6 +242,8 @@ def _train(
                     "val_stderr": result.stderr,
                     "val_ppl": result.ppl,
                     "val_tokens": result.num_tokens,
+                    # atat eval scores the whole split; the in-training curve may score its first batches only
+                    "val_scope": "whole split" if tc.eval_batches == 0 else f"first {tc.eval_batches} batches",
                     "best": improved,
                 }
             )
@@ -307,7 +312,7 @@ def _train(
                         else:
                             atat_step = atat(
                                 objective, parallel.model, x0, t, state.step, real, with_stats=log_now,
-                                uniform_noise=noise,
+                                uniform_noise=noise, row_offset=rows.start,
                             )
                             terms = atat_step.terms
                             loss = terms.loss + atat_step.estimator_loss  # disjoint parameters: stop-gradient
