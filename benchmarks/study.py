@@ -30,6 +30,7 @@ import math
 import os
 import queue
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -58,7 +59,19 @@ ARMS: dict[str, list[str]] = {
     "curriculum_late": ["curriculum.variant=late"],
     "curriculum_none": ["curriculum.variant=none"],
     "focus": ["atat.correction=false"],
+    "uniform_masking": ["atat.masking=uniform"],
+    # The autoregressive baseline: the same blocks with causal attention, scored by its exact NLL at its best
+    # validation point (best.pt).
+    "ar": ["model.name=ar", "atat.enabled=false"],
+    # Hypotheses about MDLM's early plateau (issue 15, goal 3), one change each against the mdlm arm.
+    "mdlm_gate_open": ["atat.enabled=false", "model.gate_init=1.0"],
+    "mdlm_lr_low": ["atat.enabled=false", "training.learning_rate=3e-4"],
+    "mdlm_lr_high": ["atat.enabled=false", "training.learning_rate=3e-3"],
+    "mdlm_no_dropout": ["atat.enabled=false", "model.dropout=0.0"],
+    "mdlm_time_cond": ["atat.enabled=false", "model.time_conditioning=true"],
+    "mdlm_iid_t": ["atat.enabled=false", "diffusion.antithetic=false"],
 }
+SCORED_AT_BEST = {"ar"}  # arms scored at their best validation checkpoint rather than their last
 
 
 class StudyError(RuntimeError):
@@ -112,12 +125,19 @@ def link_corpora(corpora: Path, data_dir: Path) -> tuple[Path, dict[str, Path]]:
     return prose, scored
 
 
-def run_logged(cmd: list[str], log: Path, env: dict[str, str]) -> tuple[int, float]:
+def run_logged(cmd: list[str], log: Path, env: dict[str, str], seconds: float | None = None) -> tuple[int, float]:
+    """Run cmd with its output appended to log; after `seconds`, SIGTERM (atat train then saves and exits 0)."""
     clock = time.perf_counter()
     with open(log, "a") as out:
         out.write(f"$ {shown(cmd)}\n")
         out.flush()
-        rc = subprocess.call(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        try:
+            rc = proc.wait(timeout=seconds)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGTERM)
+            rc = proc.wait()
+            out.write(f"(stopped by the time limit, --train-seconds {seconds:g})\n")
     return rc, time.perf_counter() - clock
 
 
@@ -133,16 +153,18 @@ def run_job(job: Job, device: str, args: argparse.Namespace, common: list[str], 
     run_dir.mkdir(parents=True, exist_ok=True)
     env = subprocess_env(device)
     device_overrides = ["training.device=cpu"] if device == "cpu" else []
-    overrides = [*common, *ARMS[job.arm], f"training.seed={job.seed}", *device_overrides, *args.overrides]
+    steps = [f"training.total_steps={args.steps}"] if args.steps else []
+    overrides = [*common, *steps, *ARMS[job.arm], f"training.seed={job.seed}", *device_overrides, *args.overrides]
     train_cmd = cli("train", "--config", str(args.config), "--log-dir", str(run_dir), "--resume", *overrides)
     print(f"[{job.name}] training on {device} ...", flush=True)
-    rc, train_s = run_logged(train_cmd, run_dir / "train.log", env)
+    rc, train_s = run_logged(train_cmd, run_dir / "train.log", env, args.train_seconds)
     if rc != 0:
         print(f"[{job.name}] training failed (exit {rc}); the end of {run_dir / 'train.log'}:\n{tail(run_dir / 'train.log')}")
         return False
     entries = ",".join(f"{path}:validation" for path in scored.values())
+    scored_checkpoint = run_dir / "checkpoints" / "best.pt" if job.arm in SCORED_AT_BEST else run_dir
     eval_cmd = cli(
-        "eval", "--checkpoint", str(run_dir), "--datasets", entries, "--num-t", str(args.num_t),
+        "eval", "--checkpoint", str(scored_checkpoint), "--datasets", entries, "--num-t", str(args.num_t),
         "--device", "cpu" if device == "cpu" else "cuda", "--max-batches", str(args.max_batches),
         "--output", str(run_dir / "eval.partial.json"),
     )
@@ -159,6 +181,7 @@ def run_job(job: Job, device: str, args: argparse.Namespace, common: list[str], 
         "torch": torch_version(),
         "date": datetime.date.today().isoformat(),
         "train_seconds": round(train_s, 1),
+        "train_seconds_limit": args.train_seconds,
         "eval_seconds": round(eval_s, 1),
         "train_command": shown(train_cmd),
         "eval_command": shown(eval_cmd),
@@ -202,13 +225,15 @@ def cmd_run(args: argparse.Namespace) -> int:
             f"--corpora {args.corpora}: no {', '.join(m + '.jsonl' for m in missing)} there; pass the folder of the "
             "offline corpora (../shared/corpora beside the checkout)"
         )
-    tokenizer = args.tokenizer.resolve()
-    if not (tokenizer / "vocab.json").is_file():
-        raise StudyError(f"--tokenizer {args.tokenizer}: no GPT-2 vocab.json there; pass ../shared/tokenizers/gpt2")
+    tokenizer = []  # else the config's data.tokenizer (e.g. a BPE trained on the training split)
+    if args.tokenizer is not None:
+        if not (args.tokenizer / "vocab.json").is_file():
+            raise StudyError(f"--tokenizer {args.tokenizer}: no GPT-2 vocab.json there; pass ../shared/tokenizers/gpt2")
+        tokenizer = [f"data.tokenizer={args.tokenizer.resolve()}"]
     args.out.mkdir(parents=True, exist_ok=True)
     prose, scored = link_corpora(args.corpora, args.out / "data")
     cache = args.out / "cache"
-    common = [f"data.dataset_name={prose}", f"data.tokenizer={tokenizer}", f"data.cache_dir={cache}"]
+    common = [f"data.dataset_name={prose}", f"data.cache_dir={cache}", *tokenizer]
     devices = args.gpus or visible_gpus()
 
     # Tokenize every corpus once before the jobs start, so that parallel jobs only read the stores.
@@ -562,7 +587,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                   "(default: every visible GPU, else the CPU)")
     r.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     r.add_argument("--corpora", type=Path, default=REPO.parent / "shared" / "corpora")
-    r.add_argument("--tokenizer", type=Path, default=REPO.parent / "shared" / "tokenizers" / "gpt2")
+    r.add_argument("--tokenizer", type=Path,
+                   help="a GPT-2 tokenizer folder (../shared/tokenizers/gpt2) replacing the config's data.tokenizer")
+    r.add_argument("--steps", type=int, help="training.total_steps for every job (the study's fixed budget)")
+    r.add_argument("--train-seconds", type=float,
+                   help="stop each job's training after this many seconds (it saves, then is scored): for pilots")
     r.add_argument("--num-t", type=int, default=16, help="stratified t per sequence in the final scoring")
     r.add_argument("--max-batches", type=int, default=0, help="score at most this many batches per corpus (0 = all)")
     r.add_argument("--jobs-per-gpu", type=int, default=1,

@@ -144,3 +144,16 @@ def test_compiles_without_graph_breaks():
     explanation = torch._dynamo.explain(model)(*inputs())
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
+
+
+def test_gate_init_opens_the_blocks_and_zero_is_mdlms_identity():
+    torch.manual_seed(0)
+    x_t, noise = torch.randint(0, 20, (2, 8)), torch.zeros(2)
+    closed = DiT(ModelConfig(hidden_dim=16, num_layers=2, num_heads=2, cond_dim=8), 21)
+    opened = DiT(ModelConfig(hidden_dim=16, num_layers=2, num_heads=2, cond_dim=8, gate_init=1.0), 21)
+    opened.load_state_dict(closed.state_dict() | {k: v for k, v in opened.state_dict().items() if "adaLN" in k})
+    embedded = closed.vocab_embed(x_t)
+    assert torch.equal(closed.trunk(x_t, noise)[0], embedded)  # adaLN-zero: every block is the identity
+    assert not torch.allclose(opened.trunk(x_t, noise)[0], embedded)
+    bias = opened.blocks[0].adaLN_modulation.bias.view(6, -1)
+    assert torch.all(bias[[2, 5]] == 1) and torch.all(bias[[0, 1, 3, 4]] == 0)

@@ -68,6 +68,9 @@ class ModelConfig:
     mlp_ratio: int = 4
     dropout: float = 0.1
     time_conditioning: bool = False  # MDLM's default: the denoiser does not see t
+    # Initial value of each block's two adaLN gates: 0 is MDLM's adaLN-zero (every block starts as the identity);
+    # 1 starts the blocks open, as a plain pre-norm transformer (a hypothesis about MDLM's early plateau).
+    gate_init: float = 0.0
     vocab_size: int | None = None  # the tokenizer's vocabulary (MASK excluded); null = take it from the tokenizer
 
 

@@ -143,11 +143,19 @@ class DiTBlock(nn.Module):
     """Pre-norm transformer block with adaLN-zero: each branch is shifted and scaled by c, then gated."""
 
     def __init__(
-        self, dim: int, num_heads: int, cond_dim: int, mlp_ratio: int = 4, dropout: float = 0.1, causal: bool = False
+        self,
+        dim: int,
+        num_heads: int,
+        cond_dim: int,
+        mlp_ratio: int = 4,
+        dropout: float = 0.1,
+        causal: bool = False,
+        gate_init: float = 0.0,
     ):
         super().__init__()
         self.num_heads = num_heads
         self.causal = causal
+        self.gate_init = gate_init
 
         self.norm1 = LayerNorm(dim)
         self.attn_qkv = nn.Linear(dim, 3 * dim, bias=False)
@@ -166,9 +174,15 @@ class DiTBlock(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        # adaLN-zero: every gate starts at 0, so each block starts as the identity on the residual stream.
+        # adaLN-zero: every gate starts at 0, so each block starts as the identity on the residual stream
+        # (gate_init = 0, MDLM); shifts and scales start at 0 in any case.
         nn.init.zeros_(self.adaLN_modulation.weight)
         nn.init.zeros_(self.adaLN_modulation.bias)
+        if self.gate_init:
+            with torch.no_grad():
+                gates = self.adaLN_modulation.bias.view(6, -1)  # shift, scale, gate (attn); shift, scale, gate (MLP)
+                gates[2].fill_(self.gate_init)
+                gates[5].fill_(self.gate_init)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         B, L, D = x.shape
@@ -280,7 +294,7 @@ class DiT(nn.Module):
         self.vocab_embed = TokenEmbedding(cfg.hidden_dim, num_tokens)
         self.sigma_map = TimestepEmbedder(cfg.cond_dim)
         self.blocks = nn.ModuleList(
-            DiTBlock(cfg.hidden_dim, cfg.num_heads, cfg.cond_dim, cfg.mlp_ratio, cfg.dropout, causal)
+            DiTBlock(cfg.hidden_dim, cfg.num_heads, cfg.cond_dim, cfg.mlp_ratio, cfg.dropout, causal, cfg.gate_init)
             for _ in range(cfg.num_layers)
         )
         self.output_layer = FinalLayer(cfg.hidden_dim, num_tokens, cfg.cond_dim)
