@@ -169,7 +169,9 @@ def test_log_linear_schedule_matches_mdlm():
     torch.testing.assert_close(ours.loss_weight(t), dsigma / torch.expm1(sigma), rtol=1e-5, atol=0)
 
 
-def _loss_pair(path: str, time_conditioning: bool, attention_mask: torch.Tensor | None, seed: int = 3):
+def _loss_pair(
+    path: str, time_conditioning: bool, attention_mask: torch.Tensor | None, seed: int = 3, mask_padding: bool = False
+):
     """MDLM's `_loss` and our objective on the same x0, t and uniform draws; returns what both computed."""
     reference = mdlm_dit(seed=seed)
     ours = our_dit(reference, time_conditioning)
@@ -192,7 +194,7 @@ def _loss_pair(path: str, time_conditioning: bool, attention_mask: torch.Tensor 
     t = mdlm._sample_t(x0.shape[0], x0.device)
     uniform = torch.rand(x0.shape)
     objective = MaskedDiffusionObjective(LogLinearSchedule(EPS), MASK, rows_only=path == "rows",
-                                         fused=path == "fused")
+                                         fused=path == "fused", mask_padding=mask_padding)
     terms = objective(mine, x0, t=t, uniform_noise=uniform, attention_mask=attention_mask)
     return dict(mdlm=mdlm, loss=loss, terms=terms, theirs=theirs, mine=mine, reference=reference, ours=ours, x0=x0)
 
@@ -223,17 +225,22 @@ def test_per_token_loss_equals_mdlm(path, time_conditioning):
         torch.testing.assert_close(p.grad, theirs[name].grad, **FP32, msg=name)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "MDLM's q_xt (diffusion.py:583-585) masks PAD positions like any other (the attention mask only zeroes their "
-    "loss, :908); our objective never masks padding (README: 'neither masked nor counted'), so on padded rows "
-    "the DiT sees PAD where MDLM's sees MASK and the loss at real tokens differs. Deliberate, but not MDLM's."))
-def test_padded_rows_loss_equals_mdlm():
+@pytest.mark.parametrize("path", ["plain", "fused"])
+def test_padded_rows_loss_equals_mdlm_with_mask_padding(path):
+    """MDLM's q_xt (diffusion.py:583-585) masks PAD positions like any other (the attention mask only zeroes
+    their loss, :908): `mask_padding=True` (diffusion.mask_padding) does the same; by default PAD stays visible,
+    which changes the loss at real tokens (the default is ours on purpose: README, method)."""
     lengths = torch.tensor([16, 12, 9, 5, 16, 7, 11, 4])
     attention_mask = (torch.arange(LENGTH)[None, :] < lengths[:, None]).long()
-    r = _loss_pair("plain", False, attention_mask)
+    r = _loss_pair(path, False, attention_mask, mask_padding=True)
     (mdlm_xt, _), = r["theirs"].calls
+    (our_xt, _), = r["mine"].calls
     assert (mdlm_xt[attention_mask == 0] == MASK).any()  # the premise: MDLM masked some padding
+    assert torch.equal(our_xt, mdlm_xt)
+    assert not r["terms"].masked[attention_mask == 0].any()  # never a loss position
     torch.testing.assert_close(r["terms"].token_loss, r["loss"].nlls, **FP32)
+    default = _loss_pair(path, False, attention_mask)
+    assert not torch.allclose(default["terms"].token_loss, r["loss"].nlls, **FP32)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -79,6 +79,9 @@ class DiffusionConfig:
     eps: float = 1e-3  # log-linear schedule floor (DESIGN 3.1)
     antithetic: bool = True  # stratified t over the batch
     eval_num_t: int = 4  # stratified t per sequence for the validation bound
+    # Padded framing: PAD is never counted; true also masks it in x_t as MDLM does (its LM1B figures), false keeps
+    # it visible. The bounds differ slightly; true is the one to compare with the paper.
+    mask_padding: bool = False
 
 
 @dataclass

@@ -88,10 +88,14 @@ class MaskedDiffusionObjective:
         antithetic: bool = True,
         rows_only: bool = False,
         fused: bool = False,
+        mask_padding: bool = False,
     ):
         self.schedule = schedule
         self.mask_id = mask_id
         self.antithetic = antithetic
+        # MDLM masks padding in x_t like any token (diffusion.py q_xt) and only drops it from the loss; by
+        # default we keep PAD visible. Either way PAD is never a loss position nor counted.
+        self.mask_padding = mask_padding
         # The DiT supports both; test fakes that return (B, L, V) logits need neither.
         self.rows_only = rows_only  # call model(x_t, noise, rows=masked): (M, V) logits
         self.fused = fused  # call model(..., rows=masked, targets=, token_weights=): (loss_sum, nll), no logits
@@ -110,17 +114,17 @@ class MaskedDiffusionObjective:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward process q(x_t | x0): each real token becomes MASK with probability alpha(t).
 
-        x0 (B, L), t (B,) -> x_t (B, L), masked (B, L) bool. Padding is never masked. `uniform_noise` (B, L)
+        x0 (B, L), t (B,) -> x_t (B, L), masked (B, L) bool: the loss positions, never padding (which is MASK in
+        x_t too with `mask_padding`, as in MDLM). `uniform_noise` (B, L)
         in [0, 1) (float64, see mask_draws) replaces the draw (evaluation passes noise drawn on the CPU so results match across devices).
         `mask_probs` (B, L) replaces alpha(t) per token (adaptive masking, DESIGN 3.3).
         """
         probs = self.schedule.mask_prob(t)[:, None] if mask_probs is None else mask_probs  # (B, 1) or (B, L)
         if uniform_noise is None:
             uniform_noise = mask_draws(x0.shape, x0.device, generator)
-        masked = uniform_noise < probs  # (B, L)
-        if attention_mask is not None:
-            masked &= attention_mask.bool()
-        x_t = torch.where(masked, torch.full_like(x0, self.mask_id), x0)
+        drawn = uniform_noise < probs  # (B, L)
+        masked = drawn if attention_mask is None else drawn & attention_mask.bool()
+        x_t = torch.where(drawn if self.mask_padding else masked, torch.full_like(x0, self.mask_id), x0)
         return x_t, masked
 
     def __call__(

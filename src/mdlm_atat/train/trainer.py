@@ -66,7 +66,9 @@ def make_objective(cfg: Config, tokenizer: Tokenizer) -> MaskedDiffusionObjectiv
         return NextTokenObjective(tokenizer.mask_id)
     schedule = LogLinearSchedule(cfg.diffusion.eps)
     # The DiT fuses its output projection with the SUBS loss: no (M, V) logits (diffusion/fused_loss.py).
-    return MaskedDiffusionObjective(schedule, tokenizer.mask_id, cfg.diffusion.antithetic, fused=True)
+    return MaskedDiffusionObjective(
+        schedule, tokenizer.mask_id, cfg.diffusion.antithetic, fused=True, mask_padding=cfg.diffusion.mask_padding
+    )
 
 
 def build_estimator(cfg: Config, num_tokens: int, unigram_counts) -> ImportanceEstimator | None:
