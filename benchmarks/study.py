@@ -344,6 +344,9 @@ def mean_sd(values: list[float]) -> tuple[float, float | None]:
 
 
 def fmt_mean_sd(values: list[float], digits: int = 3) -> str:
+    values = [v for v in values if not math.isnan(v)]  # NaN: undefined (a Spearman rho of constant importance)
+    if not values:
+        return "undefined"
     mean, sd = mean_sd(values)
     return f"{mean:.{digits}f}" + (f" ± {sd:.{digits}f}" if sd is not None else "")
 
@@ -398,63 +401,181 @@ def plot_curves(arms: dict[str, list[Run]], path: Path) -> None:
     fig.savefig(path)
 
 
+# Two-sided 97.5% quantiles of Student's t by degrees of freedom (beyond the table, the normal's 1.96).
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093, 20: 2.086}
+CONVERGED = 0.01  # nats: a run has converged when its bound moved less than this over its last 10% of tokens
+
+
+def mean_ci(values: list[float]) -> tuple[float, float | None, float | None]:
+    """Mean, standard error and 95% half-width (Student's t) of values; None for the spread of a single value."""
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, None, None
+    se = statistics.stdev(values) / math.sqrt(len(values))
+    return mean, se, T975.get(len(values) - 1, 1.96) * se
+
+
+def paired(runs: list[Run], base: list[Run], value) -> list[float]:
+    """value(run, base_run) for each seed both arms have: same initial weights and data order."""
+    base_by_seed = {r.seed: r for r in base}
+    return [value(r, base_by_seed[r.seed]) for r in runs if r.seed in base_by_seed]
+
+
 def verdict(arm: str, runs: list[Run], base: list[Run]) -> tuple[str, float, float | None]:
-    """A plain sentence on arm vs the baseline's pooled prose bound, with the difference and its standard error."""
-    a, b = [r.prose_nelbo for r in runs], [r.prose_nelbo for r in base]
-    diff = statistics.fmean(a) - statistics.fmean(b)
-    se = math.sqrt(statistics.variance(a) / len(a) + statistics.variance(b) / len(b)) if len(a) > 1 and len(b) > 1 else None
-    ppl = math.exp(diff) - 1
+    """A plain sentence on arm vs the baseline's pooled prose bound: the mean paired difference and its standard
+    error over seeds (pairs share initial weights and data order)."""
+    diffs = paired(runs, base, lambda r, b: r.prose_nelbo - b.prose_nelbo)
+    if not diffs:
+        return f"{arm} shares no seed with MDLM: no paired comparison", math.nan, None
+    diff, se, _ = mean_ci(diffs)
     direction = "lower (better)" if diff < 0 else "higher (worse)"
-    text = (f"{arm}'s pooled prose bound is {abs(diff):.4f} nats per token {direction} than MDLM's "
-            f"(perplexity bound {ppl * 100:+.2f}%)")
+    text = (f"{arm}'s pooled prose bound is {abs(diff):.4f} nats per token {direction} than MDLM's over "
+            f"{len(diffs)} paired seeds (perplexity bound {(math.exp(diff) - 1) * 100:+.2f}%)")
     if se is None:
-        text += "; one seed of either side, so no spread to compare it with"
+        text += "; one seed, so no spread to compare it with"
     elif abs(diff) > 2 * se:
-        text += f", more than twice the seed-to-seed standard error of the difference ({se:.4f})"
+        text += f", more than twice the standard error of the paired difference ({se:.4f})"
     else:
-        text += f", within twice the seed-to-seed standard error of the difference ({se:.4f}): no measurable difference"
+        text += f", within twice the standard error of the paired difference ({se:.4f}): no measurable difference"
     return text, diff, se
 
 
+def last_tenth_movement(curve: tuple[list[float], list[float]]) -> float | None:
+    """How much the bound fell over the last 10% of a run's tokens (linear between evaluations), or None."""
+    tokens, values = curve
+    if len(tokens) < 2:
+        return None
+    at = 0.9 * tokens[-1]
+    for (x0, y0), (x1, y1) in zip(zip(tokens, values), zip(tokens[1:], values[1:])):
+        if x0 <= at <= x1:
+            return y0 + (y1 - y0) * (at - x0) / (x1 - x0) - values[-1]
+    return None
+
+
+def describe_setting(cfg: dict[str, Any]) -> str:
+    d, m, t = cfg.get("data", {}), cfg.get("model", {}), cfg.get("training", {})
+    tokenizer = d.get("tokenizer", "?")
+    if tokenizer == "bpe":
+        tokenizer = f"a {d.get('tokenizer_vocab_size'):,}-token BPE trained on the training split"
+    elif "gpt2" in str(tokenizer):
+        tokenizer = "GPT-2's tokenizer"
+    return (f"DiT {m.get('hidden_dim')} wide x {m.get('num_layers')} blocks, {tokenizer}, {d.get('max_length')}-token "
+            f"packed blocks, batch {d.get('batch_size')}, lr {t.get('learning_rate')} ({t.get('lr_schedule')}), "
+            f"EMA {t.get('ema_decay')}")
+
+
+def fmt_ci(values: list[float], digits: int = 4, sign: str = "") -> str:
+    """mean ± standard error (95% interval); sign="+" for differences."""
+    mean, se, half = mean_ci(values)
+    f = f"{sign}.{digits}f"
+    if se is None:
+        return f"{mean:{f}} (one seed)"
+    return f"{mean:{f}} ± {se:.{digits}f} (95%: {mean - half:{f}} to {mean + half:{f}})"
+
+
+def pilot_lines(pilot: Path) -> list[str]:
+    runs = load_runs(pilot)
+    marks = (500, 1000, 2000, 3000)
+    lines = [
+        "## Pilot (seed 0, time-limited: not part of the comparison)",
+        "",
+        f"From `{pilot}`: every job trained for {runs[0].study.get('train_seconds_limit')} s of wall time on a shared "
+        "GPU, constant LR; the trainer-side bound on the pooled prose validation split at a few steps, the last "
+        "step reached, and the final scored pooled bound. Its purpose: the budget, and one test each of the "
+        "plateau hypotheses (docs/study_plan.md has the predictions, written before).",
+        "",
+        "| run | overrides | " + " | ".join(f"bound at {m:,}" for m in marks) + " | last step | final pooled bound |",
+        "| --- | --- | " + " | ".join("---:" for _ in marks) + " | ---: | ---: |",
+    ]
+    for r in sorted(runs, key=lambda r: list(ARMS).index(r.arm)):
+        steps, values = r.records.series("val", "val_nelbo")
+        at = dict(zip(steps, values))
+        cells = [f"{at[m]:.3f}" if m in at else "-" for m in marks]
+        overrides = " ".join(f"`{o}`" for o in ARMS[r.arm]) or "(the config's)"
+        lines.append(f"| {r.folder.name} | {overrides} | " + " | ".join(cells)
+                     + f" | {r.evals[PROSE[0]]['step']:,} | {r.prose_nelbo:.4f} |")
+    return lines + [""]
+
+
 def cmd_report(args: argparse.Namespace) -> int:
-    runs = load_runs(args.out)
+    runs = [run for out in args.out for run in load_runs(out)]
     arms = by_arm(runs)
     doc: Path = args.doc
     image = args.images / "results_curves.png"
     plot_curves(arms, image)
     image_link = os.path.relpath(image, doc.parent)
-    first = runs[0]
+    first = arms[BASELINE][0] if BASELINE in arms else runs[0]
     cfg_text = (first.folder / "config.yaml").read_text() if (first.folder / "config.yaml").is_file() else ""
-    log = args.out / "study_run.json"
-    invocations = json.loads(log.read_text())["invocations"] if log.is_file() else []
+    import yaml
+
+    cfg = yaml.safe_load(cfg_text) if cfg_text else {}
+    invocations = []
+    for out in args.out:
+        log = out / "study_run.json"
+        invocations += json.loads(log.read_text())["invocations"] if log.is_file() else []
     devices = sorted({r.study["device"] for r in runs})
     dates = sorted({r.study["date"] for r in runs})
-
-    report_cmd = f"python benchmarks/study.py report --out {args.out} --doc {doc}" + (
-        f" --discussion {args.discussion}" if args.discussion else "")
+    outs = "--out " + " ".join(str(out) for out in args.out)
+    report_cmd = (f"python benchmarks/study.py report {outs} --doc {doc}"
+                  + (f" --pilot {args.pilot}" if args.pilot else "")
+                  + (f" --discussion {args.discussion}" if args.discussion else ""))
+    base = arms.get(BASELINE, [])
     lines = [
         "# Does ATAT help? MDLM vs ATAT on the prose corpora",
         "",
-        f"Written by `{report_cmd}` from the run folders in "
-        f"`{args.out}/runs` (each holds the config.yaml, metrics.jsonl, eval.json and study.json its run wrote); "
-        "do not edit by hand.",
+        f"Written by `{report_cmd}` from the run folders under "
+        f"{', '.join(f'`{out}/runs`' for out in args.out)} (each holds the config.yaml, metrics.jsonl, eval.json and "
+        "study.json its run wrote); do not edit by hand. The plan, written before the runs: "
+        "[study_plan.md](study_plan.md).",
         "",
         "## Setup",
         "",
-        f"- Runs: {len(runs)} ({', '.join(f'{arm} x {len(rs)} seeds' for arm, rs in arms.items())}), on "
+        f"- Runs: {len(runs)} ({', '.join(f'{arm} x {len(rs)}' for arm, rs in arms.items())}), on "
         f"{', '.join(devices)}, {', '.join(dates)}, torch {first.study['torch']}.",
-        "- Data: the training splits of sotu, brown, austen and kjv (../shared/corpora; 4.8M GPT-2 tokens), packed "
-        "into 1024-token blocks; the same data order for every arm at one seed.",
-        f"- Every arm trains the same model for the same steps and tokens ({first.tokens / 1e6:.1f}M); arms differ "
-        "only in the overrides listed below (docs/ablations.md). Config: `configs/study/prose_tiny.yaml`.",
+        f"- Setting: {describe_setting(cfg)}; the training splits of sotu, brown, austen and kjv "
+        "(../shared/corpora); the same initial weights and data order for every arm at one seed.",
+        f"- Every arm trains for the same steps and tokens ({first.tokens / 1e6:.1f}M); arms differ only in the "
+        "overrides listed below (docs/ablations.md).",
         f"- Scored: MDLM's uniform-masking NELBO bound (nats per token, an upper bound on the NLL), "
-        f"{first.evals[PROSE[0]]['num_t']} stratified t per sequence, final EMA weights, on each corpus's validation "
-        "split, and zero-shot on python_docs (reStructuredText: never trained on). The curves are the trainer's "
-        "periodic bound on the pooled prose validation split (4 t per sequence).",
-        "- Spread: ± is the sample standard deviation over seeds.",
-        "- Timings (train s, tokens/s) are each run's own, measured while other jobs of the study may have shared "
-        "its GPU (`--jobs-per-gpu` in the commands below): they are not single-run speeds.",
+        f"{first.evals[PROSE[0]]['num_t']} stratified t per sequence, final EMA weights, on each corpus's whole "
+        "validation split, and zero-shot on python_docs (reStructuredText: never trained on). The AR baseline is "
+        "scored by its exact NLL at its best validation checkpoint. The curves are the trainer's periodic bound on "
+        "the pooled prose validation split (4 t per sequence).",
+        "- Spread: ± in the arm table is the sample standard deviation over seeds; differences are paired by seed "
+        "and given with their standard error (± in the comparison) and a 95% t interval.",
+        "- Timings (train s, tokens/s) are each run's own, measured while other jobs of the study shared its GPU: "
+        "they are not single-run speeds.",
         "",
+    ]
+    if base:
+        ratios = {arm: paired(rs, base, lambda r, b: r.prose_nelbo / b.prose_nelbo) for arm, rs in arms.items()}
+        diffs = {arm: paired(rs, base, lambda r, b: r.prose_nelbo - b.prose_nelbo) for arm, rs in arms.items()}
+
+        def token_fraction(r: Run, b: Run) -> float:
+            x = crossing(r.curve, b.curve[1][-1])
+            return math.nan if x is None else x / b.curve[0][-1]
+
+        fractions = {arm: paired(rs, base, token_fraction) for arm, rs in arms.items()}
+        lines += [
+            "## The seed's two claims",
+            "",
+            "Per seed against MDLM at the same seed: the ratio of pooled prose bounds (claim: 0.90, from test PPL 20.7 "
+            "vs 23.0 on OpenWebText), and the tokens a run takes to reach that MDLM run's final trainer-side bound as a "
+            "fraction of MDLM's tokens (claim: 0.83; 'not reached' counts as a failure to reach it).",
+            "",
+            "| arm | seeds | bound ratio to MDLM | bound difference (nats) | tokens to MDLM's final bound |",
+            "| --- | ---: | ---: | ---: | ---: |",
+        ]
+        for arm in arms:
+            if arm == BASELINE or not ratios[arm]:
+                continue
+            reached = [f for f in fractions[arm] if not math.isnan(f)]
+            frac = (fmt_ci(reached, 3) if len(reached) == len(fractions[arm]) else
+                    f"reached in {len(reached)} of {len(fractions[arm])}" + (f"; {fmt_ci(reached, 3)}" if reached else ""))
+            lines.append(f"| {arm} | {len(ratios[arm])} | {fmt_ci(ratios[arm])} | {fmt_ci(diffs[arm], sign='+')} | {frac} |")
+        lines += [""]
+    lines += [
         "## Final bound (nats per token; lower is better)",
         "",
         "| arm | overrides | seeds | " + " | ".join(PROSE) + " | prose (pooled) | prose PPL bound | python_docs (zero-shot) |",
@@ -465,70 +586,46 @@ def cmd_report(args: argparse.Namespace) -> int:
         pooled = [r.prose_nelbo for r in rs]
         ppl = fmt_mean_sd([math.exp(v) for v in pooled], 1)
         overrides = " ".join(f"`{o}`" for o in ARMS[arm]) or "(the config's)"
+        label = f"{arm} (exact NLL)" if arm in SCORED_AT_BEST else arm
         lines.append(
-            f"| {arm} | {overrides} | {len(rs)} | " + " | ".join(cells)
+            f"| {label} | {overrides} | {len(rs)} | " + " | ".join(cells)
             + f" | **{fmt_mean_sd(pooled, 4)}** | {ppl} | {fmt_mean_sd([r.nelbo('python_docs') for r in rs])} |"
         )
-    lines += ["", "Per run (pooled prose bound, its standard error over sequences, python_docs):", ""]
-    lines += ["| run | prose | stderr | python_docs | config hash | step | tokens | train s | tokens/s (median) |",
-              "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
+    lines += ["", "Per run (pooled prose bound, its standard error over sequences, python_docs; `last 10%`: how much "
+              f"the trainer-side bound fell over the run's last 10% of tokens, converged below {CONVERGED}):", ""]
+    lines += ["| run | prose | stderr | python_docs | config hash | step | tokens | last 10% | train s | tokens/s (median) |",
+              "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+    movements = []
     for arm, rs in arms.items():
         for r in rs:
             stderr = math.sqrt(sum((r.evals[c]["stderr"] * r.evals[c]["num_tokens"]) ** 2 for c in PROSE)) / sum(
                 r.evals[c]["num_tokens"] for c in PROSE)
             speeds = [x["tokens_per_s"] for x in r.records.get("train") if x.get("tokens_per_s")]
+            moved = last_tenth_movement(r.curve)
+            if arm not in SCORED_AT_BEST and moved is not None:
+                movements.append(moved)
             lines.append(
                 f"| {r.folder.name} | {r.prose_nelbo:.4f} | {stderr:.4f} | {r.nelbo('python_docs'):.4f} | "
                 f"`{r.evals[PROSE[0]]['config_hash']}` | {r.evals[PROSE[0]]['step']} | {r.tokens:,} | "
-                f"{r.study['train_seconds']:.0f} | {statistics.median(speeds) if speeds else float('nan'):,.0f} |"
+                f"{'-' if moved is None else f'{moved:.3f}'} | {r.study['train_seconds']:.0f} | "
+                f"{statistics.median(speeds) if speeds else float('nan'):,.0f} |"
             )
-
     lines += ["", "## Curves", "", f"![validation bound vs training tokens]({image_link})", ""]
-    base = arms.get(BASELINE)
     conclusions = []
-    if base:
-        target = statistics.fmean(r.curve[1][-1] for r in base)
-        total = statistics.fmean(r.curve[0][-1] for r in base)
-        lines += [
-            "## Tokens to reach MDLM's final bound",
-            "",
-            f"MDLM's final trainer-side validation bound, averaged over its seeds: {target:.4f} nats per token after "
-            f"{total / 1e6:.1f}M tokens. The first point where each run's curve reaches it (linear between "
-            "evaluations):",
-            "",
-            f"| run | tokens to reach it | fraction of MDLM's tokens | tokens to first go below {args.plateau} |",
-            "| --- | ---: | ---: | ---: |",
-        ]
-        for arm, rs in arms.items():
-            for r in rs:
-                x, below = crossing(r.curve, target), crossing(r.curve, args.plateau)
-                lines.append(f"| {r.folder.name} | {'not reached' if x is None else f'{x / 1e6:.1f}M'} | "
-                             f"{'-' if x is None else f'{x / total:.2f}'} | "
-                             f"{'not reached' if below is None else f'{below / 1e6:.1f}M'} |")
-        lines += ["", f"The last column marks when a run's curve leaves the level it lingers at early on (see the "
-                  f"curves): the first point below {args.plateau} nats per token (`--plateau`)."]
-        base_by_seed = {r.seed: r.prose_nelbo for r in base}
-        for arm, rs in arms.items():
-            if arm == BASELINE:
-                continue
-            text = verdict(arm, rs, base)[0]
-            paired = [f"{r.prose_nelbo - base_by_seed[r.seed]:+.3f} (seed {r.seed})" for r in rs if r.seed in base_by_seed]
-            if paired:
-                text += (f". Seed by seed (same initial weights and data order), {arm} minus MDLM: "
-                         + ", ".join(paired))
-            conclusions.append(text)
-        drops = {arm: [r.curve[1][-2] - r.curve[1][-1] for r in rs if len(r.curve[1]) > 1] for arm, rs in arms.items()}
-        if all(drops.values()):
-            interval = (base[0].curve[0][-1] - base[0].curve[0][-2]) / 1e6
-            conclusions.append(
-                f"Over the last evaluation interval ({interval:.1f}M tokens) the validation bound still fell by "
-                + ", ".join(f"{statistics.fmean(d):.3f} ({arm})" for arm, d in drops.items())
-                + " nats per token on average: the runs had not converged when they stopped"
-            )
+    for arm, rs in arms.items():
+        if arm != BASELINE and base and arm not in SCORED_AT_BEST:
+            conclusions.append(verdict(arm, rs, base)[0])
+    if movements:
+        converged = sum(m < CONVERGED for m in movements)
+        conclusions.append(
+            f"Convergence: {converged} of {len(movements)} diffusion runs moved less than {CONVERGED} nats over their "
+            f"last 10% of tokens (they fell {min(movements):.3f} to {max(movements):.3f}): "
+            + ("the runs converged" if converged == len(movements) else
+               "these are fixed-budget comparisons of runs that had not converged")
+        )
     atat_rows = [(arm, rs) for arm, rs in arms.items() if any(r.records.get("atat_val") for r in rs)]
     if atat_rows:
         lines += [
-            "",
             "## What the estimator learned (last evaluation)",
             "",
             "Spearman correlation, within each sequence, between a token's importance and the denoiser's observed "
@@ -541,12 +638,15 @@ def cmd_report(args: argparse.Namespace) -> int:
             est = [r.records.get("atat_val")[-1]["spearman_estimator"] for r in rs]
             uni = [r.records.get("atat_val")[-1]["spearman_frequency_baseline"] for r in rs]
             lines.append(f"| {arm} | {fmt_mean_sd(est)} | {fmt_mean_sd(uni)} |")
-    lines += ["", "## Conclusion", ""]
+        lines += [""]
+    if args.pilot:
+        lines += pilot_lines(args.pilot)
+    lines += ["## Conclusion", ""]
     lines += [f"- {c}." for c in conclusions] or ["- No MDLM baseline among the runs: nothing to compare."]
     lines += [
         "",
-        "These are small models trained for minutes on 4.8M tokens; what holds here need not hold at OpenWebText "
-        "scale, in either direction.",
+        "These are small models trained for minutes on 4.8M tokens of prose; what holds here need not hold at "
+        "OpenWebText scale, in either direction.",
         *(["", "## Discussion (written by hand, from the numbers above)", "", args.discussion.read_text().strip()]
           if args.discussion else []),
         "",
@@ -599,11 +699,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "the other's training)")
     r.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every job (e.g. for a smoke test)")
     rep = sub.add_parser("report", help="write the results page from the finished run folders")
-    rep.add_argument("--out", type=Path, required=True, help="the study folder given to run")
+    rep.add_argument("--out", type=Path, nargs="+", required=True,
+                     help="the study folders given to run (their runs are reported together)")
+    rep.add_argument("--pilot", type=Path, help="a study folder of pilot runs, reported in a section of their own")
     rep.add_argument("--doc", type=Path, default=REPO / "docs" / "results.md")
     rep.add_argument("--images", type=Path, help="where the PNG goes (default: docs/images beside --doc)")
-    rep.add_argument("--plateau", type=float, default=6.5,
-                     help="a bound level; the report gives the tokens each run took to first go below it")
     rep.add_argument("--discussion", type=Path, help="a markdown file of interpretation to include, marked as such")
     args = p.parse_args(argv)
     if args.verb == "run":

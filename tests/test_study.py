@@ -90,9 +90,11 @@ def test_verdict_compares_the_difference_with_the_seed_spread():
         return [study.Run(arm, i, Path("."), {}, {c: {"nelbo": v, "num_tokens": 1} for c in study.PROSE}, ([], []))
                 for i, v in enumerate(values)]
 
-    text, diff, se = study.verdict("atat", runs("atat", [3.00, 3.02]), runs("mdlm", [3.10, 3.12]))
-    assert diff == pytest.approx(-0.10) and se == pytest.approx(math.sqrt(2 * 0.0002 / 2))
-    assert "lower (better)" in text and "more than twice" in text
+    # Paired by seed: differences -0.10 and -0.09, so the standard error is sd(-0.10, -0.09) / sqrt(2) = 0.005,
+    # far below the seed-to-seed spread of either arm (0.02 and 0.014).
+    text, diff, se = study.verdict("atat", runs("atat", [3.00, 3.03]), runs("mdlm", [3.10, 3.12]))
+    assert diff == pytest.approx(-0.095) and se == pytest.approx(0.005)
+    assert "lower (better)" in text and "more than twice" in text and "2 paired seeds" in text
     text, _, _ = study.verdict("atat", runs("atat", [3.10, 3.14]), runs("mdlm", [3.11, 3.12]))
     assert "no measurable difference" in text
 
@@ -122,3 +124,13 @@ def test_missing_tokenizer_is_one_clear_error(tmp_path, capsys):
 def test_report_without_runs_says_to_run_first(tmp_path, capsys):
     assert study.main(["report", "--out", str(tmp_path)]) == 2
     assert "run the study first" in capsys.readouterr().err
+
+
+def test_paired_ratio_interval_and_last_tenth_movement():
+    mean, se, half = study.mean_ci([1.0, 1.02, 0.98, 1.0])
+    assert mean == pytest.approx(1.0) and se == pytest.approx(math.sqrt(0.0008 / 3) / 2)
+    assert half == pytest.approx(3.182 * se)  # Student's t, 3 degrees of freedom
+    assert study.mean_ci([2.0])[1:] == (None, None)
+    # The bound at 90% of the tokens (interpolated) minus the last: 3.0 at 90 -> 2.9 at 100.
+    assert study.last_tenth_movement(([0.0, 80.0, 100.0], [5.0, 3.1, 2.9])) == pytest.approx(0.1)
+    assert study.last_tenth_movement(([100.0], [2.9])) is None
