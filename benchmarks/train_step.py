@@ -276,7 +276,9 @@ def run_variant(
         estimator = ImportanceEstimator(atat_cfg.atat, module.num_tokens, unigram_surprisal(counts, module.num_tokens))
         estimator.to(device)
         atat = AtatTraining(atat_cfg, torch.compile(estimator) if compiled else estimator)
-        extra_groups = [{"params": list(estimator.parameters()), "lr": atat_cfg.atat.estimator_learning_rate}]
+        extra_groups = [  # as the trainer: its own LR, no weight decay
+            {"params": list(estimator.parameters()), "lr": atat_cfg.atat.estimator_learning_rate, "weight_decay": 0.0}
+        ]
     optimizer = build_optimizer(module, TrainingConfig(), device, extra_groups)  # AdamW, fused on CUDA
     autocast = autocast_for(device, "bf16")
 
