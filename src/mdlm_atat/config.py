@@ -74,9 +74,13 @@ class ModelConfig:
     vocab_size: int | None = None  # the tokenizer's vocabulary (MASK excluded); null = take it from the tokenizer
 
 
+SCHEDULE_NAMES = ("loglinear", "cosine")  # diffusion/schedule.py's SCHEDULES, by name
+
+
 @dataclass
 class DiffusionConfig:
-    eps: float = 1e-3  # log-linear schedule floor (DESIGN 3.1)
+    schedule: str = "loglinear"  # loglinear (MDLM: alpha = (1 - eps) t) | cosine (alpha = (1 - eps)(1 - cos(pi t / 2)))
+    eps: float = 1e-3  # the schedule's floor: alpha(1) = 1 - eps, and training samples t in [eps, 1) (DESIGN 3.1)
     antithetic: bool = True  # stratified t over the batch
     eval_num_t: int = 4  # stratified t per sequence for the validation bound
     # Padded framing: PAD is never counted; true also masks it in x_t as MDLM does (its LM1B figures), false keeps
@@ -420,6 +424,7 @@ def validate(cfg: Config) -> None:
     _require(0.0 <= m.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {m.dropout}")
     _require(m.vocab_size is None or m.vocab_size >= 2, "model.vocab_size", "must be >= 2 or null")
 
+    _one_of(df.schedule, "diffusion.schedule", SCHEDULE_NAMES)
     _require(0.0 < df.eps < 0.5, "diffusion.eps", f"must be in (0, 0.5), got {df.eps}")
     _require(df.eval_num_t >= 1, "diffusion.eval_num_t", f"must be >= 1, got {df.eval_num_t}")
 

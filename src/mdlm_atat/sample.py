@@ -23,7 +23,7 @@ from tqdm import tqdm
 from mdlm_atat.config import ConfigError
 from mdlm_atat.data.tokenizers import Tokenizer
 from mdlm_atat.diffusion.samplers import AR_SAMPLERS, DIFFUSION_SAMPLERS, count_steps, generate
-from mdlm_atat.diffusion.schedule import LogLinearSchedule
+from mdlm_atat.diffusion.schedule import build_schedule
 from mdlm_atat.eval.generation import load_reference, sample_quality
 from mdlm_atat.eval.run import load_for_inference
 from mdlm_atat.runtime import autocast_for, precision_name, resolve_device
@@ -153,7 +153,7 @@ def sample_checkpoint(
             )
         if cfg.atat.importance_mode == "none":
             notes.append("the estimator's importance_mode is none: every position rates the same (left to right)")
-    schedule = LogLinearSchedule(cfg.diffusion.eps)  # the schedule the model was trained with
+    schedule = build_schedule(cfg.diffusion.schedule, cfg.diffusion.eps)  # the schedule the model was trained with
     autocast = autocast_for(torch_device, cfg.training.mixed_precision)
     generator = torch.Generator(device=torch_device).manual_seed(seed)
     canvas_row = torch.tensor(content, dtype=torch.long, device=torch_device)

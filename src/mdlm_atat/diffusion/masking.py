@@ -11,16 +11,12 @@ a token with z = -3 unmasked at t = 1 with probability 0.89 at beta = 3.
 
 from __future__ import annotations
 
-from typing import Protocol
-
 import torch
+
+from mdlm_atat.diffusion.schedule import MaskingSchedule
 
 Z_CLIP = 3.0
 _BISECTION_STEPS = 40  # halves a bracket of width 2 * (3 beta + 1) to well below float32 resolution
-
-
-class MaskingSchedule(Protocol):
-    def mask_prob(self, t: torch.Tensor) -> torch.Tensor: ...
 
 
 def standardize(s: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from mdlm_atat.diffusion.schedule import LogLinearSchedule
+from mdlm_atat.diffusion.schedule import MaskingSchedule
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t (B, L), noise (B,)) -> logits (B, L, V)
 
@@ -83,7 +83,7 @@ class MaskedDiffusionObjective:
 
     def __init__(
         self,
-        schedule: LogLinearSchedule,
+        schedule: MaskingSchedule,
         mask_id: int,
         antithetic: bool = True,
         rows_only: bool = False,

@@ -35,7 +35,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from mdlm_atat.diffusion.schedule import LogLinearSchedule
+from mdlm_atat.diffusion.schedule import MaskingSchedule
 
 DIFFUSION_SAMPLERS = ("ancestral", "ancestral-cache", "confidence", "semi-ar")
 AR_SAMPLERS = ("ar",)
@@ -134,11 +134,11 @@ def time_grid(num_steps: int) -> list[float]:
     return [1.0 - k / num_steps for k in range(num_steps + 1)]
 
 
-def _noise(schedule: LogLinearSchedule, t: float, batch: int, device) -> torch.Tensor:
+def _noise(schedule: MaskingSchedule, t: float, batch: int, device) -> torch.Tensor:
     return schedule.total_noise(torch.full((batch,), t, device=device, dtype=torch.float32))
 
 
-def _mask_prob(schedule: LogLinearSchedule, t: float) -> float:
+def _mask_prob(schedule: MaskingSchedule, t: float) -> float:
     return float(schedule.mask_prob(torch.tensor(t, dtype=torch.float64)))
 
 
@@ -159,7 +159,7 @@ def ancestral(
     network: Network,
     x: torch.Tensor,
     *,
-    schedule: LogLinearSchedule,
+    schedule: MaskingSchedule,
     mask_id: int,
     num_steps: int,
     generator: torch.Generator | None = None,
@@ -187,7 +187,7 @@ def ancestral(
     return x, decode_step
 
 
-def confidence_schedule(num_masked: torch.Tensor, schedule: LogLinearSchedule, t: float) -> torch.Tensor:
+def confidence_schedule(num_masked: torch.Tensor, schedule: MaskingSchedule, t: float) -> torch.Tensor:
     """How many of `num_masked` (B,) initially masked positions are still masked at time t (B,) long."""
     fraction = _mask_prob(schedule, t) / _mask_prob(schedule, 1.0)
     return torch.round(num_masked.double() * fraction).long()
@@ -218,7 +218,7 @@ def confidence(
     network: Network,
     x: torch.Tensor,
     *,
-    schedule: LogLinearSchedule,
+    schedule: MaskingSchedule,
     mask_id: int,
     num_steps: int,
     generator: torch.Generator | None = None,
@@ -317,7 +317,7 @@ def generate(
     *,
     sampler: str,
     num_steps: int,
-    schedule: LogLinearSchedule,
+    schedule: MaskingSchedule,
     mask_id: int,
     head: Sequence[int] = (),
     tail: Sequence[int] = (),

@@ -34,14 +34,6 @@ class BoundResult:
         return asdict(self)
 
 
-def stratified_times(num_sequences: int, num_t: int, eps: float, generator: torch.Generator, device) -> torch.Tensor:
-    """(num_t, B) times, one per stratum of (0, 1] for each sequence, randomly offset per sequence."""
-    u = torch.rand(num_sequences, generator=generator, dtype=torch.float64)  # (B,)
-    k = torch.arange(num_t, dtype=torch.float64)[:, None]  # (K, 1)
-    frac = (u[None, :] + k) / num_t  # (K, B), in [0, 1)
-    return (eps + (1.0 - eps) * frac).float().to(device)
-
-
 @torch.no_grad()
 def evaluate_bound(
     model: Denoiser,
@@ -72,7 +64,7 @@ def evaluate_bound(
         x0 = x0.to(device, non_blocking=True)
         real = None if pad_id is None else x0 != pad_id  # (B, L): padded framing; packed rows are all real
         # (K, B) stratified times; an exact objective needs none: one pass.
-        times = [None] if exact else stratified_times(x0.shape[0], num_t, objective.schedule.eps, generator, device)
+        times = [None] if exact else objective.schedule.stratified_t(x0.shape[0], num_t, generator).to(device)
         per_t = []
         for t in times:
             # (B, L), drawn on CPU for determinism

@@ -28,7 +28,7 @@ from mdlm_atat.data.loader import attention_mask, eval_batches, train_batches
 from mdlm_atat.data.tokenizers import Tokenizer
 from mdlm_atat.diffusion.atat import AtatTraining
 from mdlm_atat.diffusion.objective import MaskedDiffusionObjective
-from mdlm_atat.diffusion.schedule import LogLinearSchedule
+from mdlm_atat.diffusion.schedule import build_schedule
 from mdlm_atat.eval.diagnostics import importance_diagnostics, masking_profile, stage_betas
 from mdlm_atat.eval.likelihood import BoundResult, evaluate_bound
 from mdlm_atat.models import build_model, count_parameters
@@ -64,7 +64,7 @@ def make_objective(cfg: Config, tokenizer: Tokenizer) -> MaskedDiffusionObjectiv
         from mdlm_atat.models.ar import NextTokenObjective
 
         return NextTokenObjective(tokenizer.mask_id)
-    schedule = LogLinearSchedule(cfg.diffusion.eps)
+    schedule = build_schedule(cfg.diffusion.schedule, cfg.diffusion.eps)
     # The DiT fuses its output projection with the SUBS loss: no (M, V) logits (diffusion/fused_loss.py).
     return MaskedDiffusionObjective(
         schedule, tokenizer.mask_id, cfg.diffusion.antithetic, fused=True, mask_padding=cfg.diffusion.mask_padding
