@@ -12,7 +12,8 @@ from mdlm_atat.cli import main
 from mdlm_atat.config import ConfigError, ModelConfig, load_config
 from mdlm_atat.eval.likelihood import evaluate_bound
 from mdlm_atat.models import build_model
-from mdlm_atat.models.ar import NextTokenObjective, causal_dit
+from mdlm_atat.diffusion.objective import NextTokenObjective
+from mdlm_atat.models.ar import causal_dit
 
 from conftest import TINY_OVERRIDES
 

@@ -212,11 +212,17 @@ def test_objective_fused_equals_unfused(adaptive):
         torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
 
 
-def test_dit_fused_call_needs_rows_and_weights():
+def test_dit_project_callback_gets_the_rows_and_the_output_layer():
     model = tiny_dit(11)
     x_t, noise = torch.randint(0, 10, (2, 8)), torch.rand(2)
-    with pytest.raises(ValueError, match="rows, targets, token_weights and mask_id"):
-        model(x_t, noise, targets=torch.zeros(3, dtype=torch.long), token_weights=torch.ones(3), mask_id=10)
+    rows = torch.zeros(2, 8, dtype=torch.bool)
+    rows[0, :3] = rows[1, 5] = True
+    seen = model(x_t, noise, rows=rows, project=lambda h, w, b: (h, w, b))
+    assert seen[0].shape == (4, 32) and seen[1] is model.output_layer.linear.weight
+    assert seen[2] is model.output_layer.linear.bias
+    torch.testing.assert_close(torch.nn.functional.linear(*seen), model(x_t, noise, rows=rows))
+    with pytest.raises(ValueError, match="needs rows"):
+        model(x_t, noise, project=lambda h, w, b: None)
 
 
 def test_compiled_dit_keeps_the_blocks_in_one_graph_with_one_break():
@@ -227,9 +233,9 @@ def test_compiled_dit_keeps_the_blocks_in_one_graph_with_one_break():
     x_t, noise = torch.randint(0, 10, (2, 8), generator=gen), torch.rand(2, generator=gen)
     rows = torch.rand(2, 8, generator=gen) < 0.5
     num_rows = int(rows.sum())
+    targets, weights = torch.randint(0, 10, (num_rows,), generator=gen), torch.ones(num_rows)
     explanation = torch._dynamo.explain(model)(
-        x_t, noise, rows, targets=torch.randint(0, 10, (num_rows,), generator=gen),
-        token_weights=torch.ones(num_rows), mask_id=10,
+        x_t, noise, rows, project=lambda h, w, b: fused_subs_nll(h, w, b, targets, weights, 10)
     )
     assert explanation.graph_break_count == 1, explanation.break_reasons
     assert all("disable" in reason.reason for reason in explanation.break_reasons)

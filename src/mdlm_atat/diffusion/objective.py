@@ -9,9 +9,12 @@ loss. We therefore evaluate the log-softmax only at masked positions, which give
 building the (B, L, V) SUBS tensor.
 
 Three paths compute the same loss: the denoiser's full (B, L, V) logits (any denoiser); `rows_only`, the
-masked rows' (M, V) logits (the DiT); `fused`, where the DiT's output layer takes the targets and weights computed
-here and returns the weighted sum and each row's NLL without ever holding the (M, V) logits
-(diffusion/fused_loss.py). Weighting and the reduction's denominator stay here on every path.
+masked rows' (M, V) logits (the DiT); `fused`, where this objective hands the DiT's output layer a `project`
+callback, the chunked SUBS loss of diffusion/fused_loss.py with the targets and weights computed here, which
+projects the masked rows itself and returns the weighted sum and each row's NLL without ever holding the (M, V)
+logits. Weighting and the reduction's denominator stay here on every path.
+
+`NextTokenObjective`, the AR baseline's loss, shares the call signature and the returned terms.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Callable
 
 import torch
 
+from mdlm_atat.diffusion.fused_loss import fused_subs_nll
 from mdlm_atat.diffusion.schedule import MaskingSchedule
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t (B, L), noise (B,)) -> logits (B, L, V)
@@ -98,7 +102,7 @@ class MaskedDiffusionObjective:
         self.mask_padding = mask_padding
         # The DiT supports both; test fakes that return (B, L, V) logits need neither.
         self.rows_only = rows_only  # call model(x_t, noise, rows=masked): (M, V) logits
-        self.fused = fused  # call model(..., rows=masked, targets=, token_weights=): (loss_sum, nll), no logits
+        self.fused = fused  # call model(..., rows=masked, project=<the fused loss>): (loss_sum, nll), no logits
 
     def sample_t(self, num: int, device: torch.device | str, generator: torch.Generator | None = None):
         return self.schedule.sample_t(num, device=device, antithetic=self.antithetic, generator=generator)
@@ -154,10 +158,12 @@ class MaskedDiffusionObjective:
         # Only masked positions carry loss (SUBS): a denoiser that can, projects those rows alone (M, V), or
         # fuses the projection with the loss.
         if self.fused:
-            nll_sum, nll = model(
-                x_t, noise, rows=masked, targets=x0[masked], token_weights=weight.expand_as(masked)[masked],
-                mask_id=self.mask_id,
-            )  # scalar, (M,) detached
+            targets, token_weights = x0[masked], weight.expand_as(masked)[masked]  # (M,), (M,)
+
+            def project(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None):
+                return fused_subs_nll(h, w, b, targets, token_weights, self.mask_id)
+
+            nll_sum, nll = model(x_t, noise, rows=masked, project=project)  # scalar, (M,) detached
             # Detached per-token terms, for the estimator's targets and the diagnostics; only nll_sum has a graph.
             token_nll = torch.zeros(x0.shape, dtype=nll.dtype, device=x0.device).masked_scatter(masked, nll)
             token_loss = token_nll * weight  # (B, L)
@@ -182,4 +188,57 @@ class MaskedDiffusionObjective:
             token_nll=token_nll,
             masked=masked,
             weight=weight,
+        )
+
+
+class NextTokenObjective:
+    """The AR baseline's objective (models/ar.py): mean next-token NLL in nats per predicted token: -log p(x_i | x_<i) for i = 1 .. L-1 (teacher forcing).
+
+    Position 0 (BOS under the packed framing) is context only. `t`, `generator` and `uniform_noise` exist for the
+    diffusion objective's signature and are unused; `sample_t` returns zeros.
+    """
+
+    exact = True  # the loss is the NLL itself: one pass scores it (evaluate_bound uses num_t = 1)
+
+    def __init__(self, mask_id: int):
+        self.mask_id = mask_id
+
+    def sample_t(self, num: int, device: torch.device | str, generator: torch.Generator | None = None):
+        return torch.zeros(num, device=device)
+
+    def __call__(
+        self,
+        model: Denoiser,
+        x0: torch.Tensor,
+        t: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        uniform_noise: torch.Tensor | None = None,
+    ) -> NelboTerms:
+        B, L = x0.shape
+        zeros = torch.zeros(B, device=x0.device)
+        # The whole block goes in (a fixed shape for compile); the last position predicts nothing.
+        logits = model(x0, zeros)[:, :-1]  # (B, L-1, V): row i predicts x0[:, i + 1]
+        targets = x0[:, 1:]  # (B, L-1)
+        if attention_mask is None:
+            predicted = torch.ones_like(targets, dtype=torch.bool)
+        else:
+            predicted = attention_mask[:, 1:].bool()
+        nll = masked_token_nll(logits, targets, predicted, self.mask_id)  # (B, L-1), 0 where not predicted
+        token_loss = torch.nn.functional.pad(nll, (1, 0))  # (B, L): position i holds -log p(x_i | x_<i); 0 at 0
+        scored = torch.nn.functional.pad(predicted, (1, 0))  # (B, L) bool: the positions with a loss term
+        tokens_per_sequence = predicted.float().sum(-1)  # (B,)
+        num_tokens = tokens_per_sequence.sum()
+        nll_sum = token_loss.sum()
+        return NelboTerms(
+            loss=nll_sum / num_tokens,
+            nll_sum=nll_sum,
+            num_tokens=num_tokens,
+            num_masked=predicted.sum(),  # the predicted positions play the role of the masked ones
+            token_loss=token_loss,
+            t=zeros if t is None else t,
+            tokens_per_sequence=tokens_per_sequence,
+            token_nll=token_loss,  # unweighted: every predicted token has weight 1
+            masked=scored,
+            weight=torch.ones(B, 1, device=x0.device),
         )

@@ -63,7 +63,7 @@ class CheckpointReference:
     def __init__(self, checkpoint: str | Path, device: torch.device | str = "cpu", batch_size: int = 16):
         from mdlm_atat.config import ConfigError
         from mdlm_atat.eval.run import load_for_inference
-        from mdlm_atat.models.ar import NextTokenObjective
+        from mdlm_atat.diffusion.objective import NextTokenObjective
 
         model, cfg, tokenizer, meta = load_for_inference(checkpoint, device=device)
         if cfg.model.name != "ar":

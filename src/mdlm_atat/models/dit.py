@@ -14,10 +14,12 @@ Differences from MDLM's file, none of which changes the function computed:
 Parameter names follow MDLM's (`vocab_embed.embedding`, `sigma_map.mlp.0`, `blocks.N.attn_qkv`, ...), so its
 state dicts line up key for key (MDLM's also holds the buffer `rotary_emb.inv_freq`, which this one does not).
 
-The denoiser returns logits: SUBS masking, weighting and reduction belong to the objective. One exception, for
-memory: given the masked rows' targets and weights (which the objective computes), the output layer returns the
-weighted SUBS loss fused with its projection (diffusion/fused_loss.py) instead of the (M, V) logits. It has to
-happen inside the output layer's forward because FSDP2 only unshards the layer's weight there.
+The denoiser returns logits: SUBS masking, weighting and reduction belong to the objective. For memory, the
+objective may instead hand the output layer a `project` callback (its fused, chunked SUBS loss,
+diffusion/fused_loss.py), which the layer calls with the selected rows' features and its own weight and bias in
+place of the projection: the (M, V) logits are never held. The call happens inside the output layer's forward
+because FSDP2 only unshards the layer's weight there (the loss component owns the projection, as torchtitan's
+chunked loss does; this module knows nothing of the loss).
 """
 
 from __future__ import annotations
@@ -28,8 +30,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from collections.abc import Callable
+
 from mdlm_atat.config import ModelConfig
-from mdlm_atat.diffusion.fused_loss import fused_subs_nll
+
+# (rows' features (M, D), weight (V, D), bias (V,) or None) -> anything: a loss that projects rows itself
+Projection = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], object]
 
 ROTARY_BASE = 10_000
 FREQUENCY_EMBEDDING_SIZE = 256  # sinusoidal width of the noise-level embedding (DiT, MDLM)
@@ -229,41 +235,28 @@ class FinalLayer(nn.Module):
         return modulate(self.norm_final(x), shift, scale)
 
     def forward(
-        self,
-        x: torch.Tensor,
-        c: torch.Tensor,
-        rows: torch.Tensor | None = None,
-        targets: torch.Tensor | None = None,
-        token_weights: torch.Tensor | None = None,
-        mask_id: int | None = None,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        self, x: torch.Tensor, c: torch.Tensor, rows: torch.Tensor | None = None, project: Projection | None = None
+    ) -> object:
+        """Logits (B, L, V), or (M, V) for the positions `rows` (B, L) bool; with `project`, whatever it returns
+        for those rows' features and this layer's weight and bias (rows is then required)."""
         h = self.features(x, c)  # (B, L, D)
-        if targets is not None:
-            if rows is None or token_weights is None or mask_id is None:
-                raise ValueError("the fused SUBS loss needs rows, targets, token_weights and mask_id together")
-            return rows_subs_loss(h, rows, self.linear.weight, self.linear.bias, targets, token_weights, mask_id)
+        if project is not None:
+            if rows is None:
+                raise ValueError("a project callback needs rows: the positions it scores")
+            return project_rows(project, h, rows, self.linear.weight, self.linear.bias)
         if rows is not None:
             h = h[rows]  # (M, D): project only the positions asked for
         return self.linear(h)  # (B, L, num_tokens), or (M, num_tokens) with rows
 
 
 @torch.compiler.disable
-def rows_subs_loss(
-    h: torch.Tensor,
-    rows: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    targets: torch.Tensor,
-    token_weights: torch.Tensor,
-    mask_id: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """h (B, L, D) -> (loss_sum, nll (M,)) of the positions `rows` (B, L) bool, from `fused_subs_nll`.
-
-    Kept out of a compiled DiT's graph: selecting the rows has a data-dependent shape (a graph break anyway), and
-    tracing the chunk loop would specialise on M and recompile every step. The blocks stay one graph; the fused
-    loss compiles its own fixed-shape kernel on CUDA.
-    """
-    return fused_subs_nll(h[rows], weight, bias, targets, token_weights, mask_id)
+def project_rows(
+    project: Projection, h: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> object:
+    """project(h[rows], weight, bias), kept out of a compiled DiT's graph: selecting the rows has a data-dependent
+    shape (a graph break anyway), and tracing a chunked loss would specialise on M and recompile every step. The
+    blocks stay one graph; the loss compiles its own fixed-shape kernel on CUDA."""
+    return project(h[rows], weight, bias)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -317,21 +310,18 @@ class DiT(nn.Module):
         x_t: torch.Tensor,
         noise_level: torch.Tensor,
         rows: torch.Tensor | None = None,
-        targets: torch.Tensor | None = None,
-        token_weights: torch.Tensor | None = None,
-        mask_id: int | None = None,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        project: Projection | None = None,
+    ) -> torch.Tensor | object:
         """Logits (B, L, num_tokens); with `rows` (B, L) bool, only those positions': (M, num_tokens).
 
         Under SUBS only masked positions carry loss, so the objective asks for those rows alone: the output
         projection (a third of small's matmul FLOPs) and its (B, L, V) logits shrink to the masked fraction.
-        With `targets` and `token_weights` (M,) as well (aligned with `rows` in row-major order) and the
-        `mask_id`, the loss is fused with the projection instead and (loss_sum, nll (M,)) comes back:
-        loss_sum = sum_i token_weights_i * nll_i, differentiable; nll detached (diffusion/fused_loss.py).
+        With `project` as well, the objective's loss takes the rows' features (M, D) and the output layer's
+        weight and bias and projects them itself (the fused SUBS loss: no (M, V) logits); its result comes back.
         """
         x, c = self.trunk(x_t, noise_level)
-        # (B, L, num_tokens) or (M, num_tokens) in the autocast dtype; or (loss_sum, nll) with targets
-        return self.output_layer(x, c, rows, targets, token_weights, mask_id)
+        # (B, L, num_tokens) or (M, num_tokens) in the autocast dtype; or what `project` returns
+        return self.output_layer(x, c, rows, project)
 
     def trunk(self, x_t: torch.Tensor, noise_level: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The blocks: (B, L) tokens, (B,) noise -> the residual stream (B, L, D) and the conditioning (B, cond)."""

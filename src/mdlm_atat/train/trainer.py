@@ -61,7 +61,7 @@ def seed_everything(seed: int) -> None:
 
 def make_objective(cfg: Config, tokenizer: Tokenizer) -> MaskedDiffusionObjective:
     if cfg.model.name == "ar":  # the AR baseline: same loop, next-token NLL (models/ar.py)
-        from mdlm_atat.models.ar import NextTokenObjective
+        from mdlm_atat.diffusion.objective import NextTokenObjective
 
         return NextTokenObjective(tokenizer.mask_id)
     schedule = build_schedule(cfg.diffusion.schedule, cfg.diffusion.eps)
