@@ -220,11 +220,20 @@ def run_train(args: argparse.Namespace) -> int:
         run_dir = run_dir or rank0_value(
             Path(cfg.logging.save_logs_dir) / f"{args.config.stem}-{time.strftime('%Y%m%d-%H%M%S')}", cfg.training.device
         )
-        summary = train(cfg, run_dir, resume=False, max_steps=args.max_steps)
+        # --resume on a folder without a checkpoint: the same command relaunched may start over a run that never
+        # saved one; without --resume, a folder holding a run is refused.
+        summary = train(cfg, run_dir, resume=False, max_steps=args.max_steps, restart=args.resume)
     if not is_main_process():  # under torchrun, rank 0 reports
         return 0
     val = summary["val"]
     lines = [f"done: step {summary['step']}, run folder {summary['run_dir']}"]
+    if summary["first_loss"] is None and val is None and not summary.get("stopped"):
+        # Nothing to do (a finished run relaunched): its figures as metrics.jsonl recorded them.
+        limit = ("training.total_steps", cfg.training.total_steps)
+        if summary["step"] < cfg.training.total_steps:
+            limit = ("--max-steps", args.max_steps)
+        lines[0] += f" (already at {limit[0]} ({limit[1]}): nothing to train; as recorded in metrics.jsonl:)"
+        summary, val = _recorded_figures(Path(summary["run_dir"]), summary)
     if summary.get("stopped"):  # SIGTERM / SIGINT: the step finished and last.pt was written (train/faults.py)
         lines = [
             f"stopped by {summary['stopped']} at step {summary['step']}; checkpoint written: "
@@ -236,12 +245,32 @@ def run_train(args: argparse.Namespace) -> int:
     if val is not None:
         # The AR baseline's validation number is its exact NLL, not a bound.
         name, relation = ("NLL", "=") if cfg.model.name == "ar" else ("NELBO", "<=")
+        at = f"step {val['step']}, " if "step" in val else ""
         lines.append(
             f"validation {name} {val['nelbo']:.4f} +- {val['stderr']:.4f} nats/token, PPL {relation} {val['ppl']:.2f} "
-            f"({val['num_tokens']} tokens, EMA weights)"
+            f"({at}{val['num_tokens']} tokens, EMA weights)"
         )
     print("\n".join(lines))
     return 0
+
+
+def _recorded_figures(run_dir: Path, summary: dict) -> tuple[dict, dict | None]:
+    """(summary with the first and last logged losses, the last validation) from the run's metrics.jsonl."""
+    from mdlm_atat.viz.report import ReportError, read_metrics
+
+    try:
+        records = read_metrics(run_dir)
+    except ReportError:
+        return summary, None
+    losses = records.series("train", "loss")[1]
+    if losses:
+        summary = {**summary, "first_loss": losses[0], "last_loss": losses[-1]}
+    vals = records.get("val")
+    if not vals:
+        return summary, None
+    last = vals[-1]
+    return summary, {"nelbo": last["val_nelbo"], "stderr": last["val_stderr"], "ppl": last["val_ppl"],
+                     "num_tokens": last["val_tokens"], "step": last["step"]}
 
 
 def run_eval(args: argparse.Namespace) -> int:
