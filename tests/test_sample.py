@@ -137,6 +137,19 @@ def test_same_seed_same_samples(run_dir):
     assert a["samples"] == b["samples"] and a["samples"] != c["samples"]
 
 
+def test_infill_typos_are_errors_not_text():
+    class Tok:
+        mask_id = 99
+
+        def encode(self, text):
+            return [ord(c) for c in text]
+
+    for typo in ("[MASK: 3]", "[mask:2]", "[MASK:abc]", "[Mask]", "[MASK:4"):
+        with pytest.raises(ConfigError, match=r"^--infill: .* is not a gap; write \[MASK\]"):
+            parse_template(Tok(), f"a {typo} b")
+    assert parse_template(Tok(), "[masked] [MASK]") == [ord(c) for c in "[masked] "] + [99]
+
+
 def test_ancestral_cache_matches_ancestral_from_the_cli(run_dir):
     kwargs = dict(num_steps=64, num_samples=2, seed=0, device="cpu", progress=False)
     plain = sample_checkpoint(run_dir, sampler="ancestral", **kwargs)
@@ -177,6 +190,27 @@ def test_eval_datasets_writes_one_result_per_dataset(run_dir, tmp_path, capsys):
     assert again == result  # deterministic for a fixed seed
     assert main(["eval", "--checkpoint", str(run_dir), "--dataset", "a", "--datasets", "b"]) == 2
     assert "give one" in capsys.readouterr().err
+
+
+def test_a_bad_split_names_the_flag_that_fixes_it(run_dir, data_cache, capsys):
+    """B10: the fix suggested was a config key (data.val_split) that atat eval does not take."""
+    for args in (["--split", "foo"], ["--datasets", "stdlib-docs:foo"]):
+        assert main(["eval", "--checkpoint", str(run_dir), "--device", "cpu", *args]) == 2
+        err = capsys.readouterr().err
+        assert "split 'foo'" in err and "pass --split" in err and "data." not in err and err.count("\n") == 1, err
+    tokenizer = [o for o in TINY_OVERRIDES if o.startswith(("data.tokenizer", "data.max_length"))]
+    assert main(["prepare", "--datasets", "stdlib-docs", "--splits", "foo", "--no-progress", "--output-dir",
+                 str(data_cache), *tokenizer]) == 2
+    err = capsys.readouterr().err
+    assert "no split could be prepared" in err and "pass --splits" in err and "data.train_split" not in err
+
+
+def test_eval_counts_never_fall_back_silently(run_dir):
+    """B3: --num-t 0 meant 4 and --batch-size 0 meant 32; negative values were tracebacks."""
+    for kwargs, flag in ((dict(num_t=0), "--num-t"), (dict(batch_size=-4), "--batch-size"),
+                         (dict(max_batches=-1), "--max-batches")):
+        with pytest.raises(ConfigError, match=f"^{flag}: must be >= "):
+            evaluate_datasets(run_dir, ["stdlib-docs"], device="cpu", **kwargs)
 
 
 def test_dataset_entries():

@@ -30,7 +30,7 @@ from mdlm_atat import __version__
 from mdlm_atat.config import Config, ConfigError, from_dict
 from mdlm_atat.data.tokenizers import Tokenizer
 from mdlm_atat.models import build_model, count_parameters
-from mdlm_atat.train.checkpoint import CheckpointError, is_export_dir, load_checkpoint, resolve_checkpoint
+from mdlm_atat.train.checkpoint import CheckpointError, is_export_dir, load_run_checkpoint, resolve_checkpoint
 
 FORMAT_VERSION = 1
 
@@ -56,7 +56,7 @@ def export_checkpoint(
     if is_export_dir(path):
         raise CheckpointError(f"{path}: already an exported folder; export a .pt checkpoint or a run folder")
     out = _check_out(Path(out_dir), overwrite, path)
-    payload = load_checkpoint(path)
+    payload = load_run_checkpoint(path)
     cfg = from_dict(payload["config"])
     tokenizer = Tokenizer.from_json(payload["tokenizer"])
     weights_key = "ema" if use_ema and payload.get("ema") is not None else "model"

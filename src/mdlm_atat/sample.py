@@ -31,12 +31,19 @@ from mdlm_atat.train.checkpoint import resolve_checkpoint
 from mdlm_atat.viz.trace import write_trace_html
 
 GAP = re.compile(r"\[MASK(?::(\d+))?\]")
+NEAR_GAP = re.compile(r"\[\s*mask\b[^\]]*\]?", re.IGNORECASE)  # [mask:2], [MASK: 3], [MASK:abc], [MASK:4
 TRACE_SAMPLES = 4  # samples of the first batch shown on the --trace page
 ORDERS = ("confidence", "easy-first")  # how the confidence sampler picks positions
 
 
 def parse_template(tokenizer: Tokenizer, template: str) -> list[int]:
     """Ids of an infill template, with tokenizer.mask_id at every gap position."""
+    for near in NEAR_GAP.finditer(template):
+        if not GAP.fullmatch(near.group(0)):  # a typo would otherwise stay in the text as it is
+            raise ConfigError(
+                f"--infill: {near.group(0)!r} is not a gap; write [MASK] (one token) or [MASK:N] (N tokens, e.g. "
+                "[MASK:3]), in capitals, without spaces"
+            )
     ids: list[int] = []
     last = 0
     for match in GAP.finditer(template):
@@ -135,7 +142,7 @@ def sample_checkpoint(
             f"--length {len(content)}: beyond the block ({window} content tokens in L = {cfg.data.max_length}); "
             "use --sampler semi-ar"
         )
-    stride = stride or max(1, window // 2)
+    stride = max(1, window // 2) if stride is None else stride
     if not 1 <= stride <= window:
         raise ConfigError(f"--stride: must be in [1, {window}] (new tokens per window), got {stride}")
     time_conditioned = bool(getattr(model, "time_conditioning", False))

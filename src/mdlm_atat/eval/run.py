@@ -10,12 +10,13 @@ import torch
 
 from mdlm_atat.config import Config, ConfigError, from_dict
 from mdlm_atat.data.loader import eval_batches
+from mdlm_atat.data.sources import DataError, with_split_fix
 from mdlm_atat.data.store import prepare_split
 from mdlm_atat.data.tokenizers import Tokenizer
 from mdlm_atat.eval.likelihood import evaluate_bound
 from mdlm_atat.models import build_model
 from mdlm_atat.runtime import autocast_for, precision_name, resolve_device
-from mdlm_atat.train.checkpoint import is_export_dir, load_checkpoint, resolve_checkpoint
+from mdlm_atat.train.checkpoint import is_export_dir, load_run_checkpoint, resolve_checkpoint
 from mdlm_atat.train.trainer import build_estimator, make_objective
 
 
@@ -35,7 +36,7 @@ def load_for_inference(
             file = Path(checkpoint) / "estimator.safetensors"
             meta["estimator"] = _estimator(cfg, tokenizer, load_file(str(file)) if file.is_file() else None, device)
         return model, cfg, tokenizer, meta
-    payload = load_checkpoint(checkpoint)
+    payload = load_run_checkpoint(checkpoint)
     cfg = from_dict(payload["config"])
     tokenizer = Tokenizer.from_json(payload["tokenizer"])
     model = build_model(cfg.model, tokenizer.num_tokens)
@@ -74,6 +75,7 @@ def evaluate_checkpoint(
     device: str = "auto",
 ) -> dict[str, Any]:
     """The NELBO bound (DESIGN 3.5) of a checkpoint on one dataset split, as a JSON-ready dict."""
+    _check_counts(num_t, batch_size, max_batches)
     path = resolve_checkpoint(checkpoint)
     torch_device = resolve_device(device)
     loaded = load_for_inference(path, use_ema=use_ema, device=torch_device)
@@ -106,6 +108,7 @@ def evaluate_datasets(
         raise ConfigError("--datasets: name at least one dataset, e.g. --datasets stdlib-docs,../shared/corpora/brown.jsonl")
     if len(set(datasets)) != len(datasets):
         raise ConfigError(f"--datasets: {','.join(datasets)} names a dataset twice")
+    _check_counts(num_t, batch_size, max_batches)
     path = resolve_checkpoint(checkpoint)
     torch_device = resolve_device(device)
     loaded = load_for_inference(path, use_ema=use_ema, device=torch_device)
@@ -116,6 +119,15 @@ def evaluate_datasets(
             loaded, path, torch_device, name, entry_split or split, num_t, batch_size, max_batches, seed
         )
     return results
+
+
+def _check_counts(num_t: int | None, batch_size: int | None, max_batches: int) -> None:
+    """None takes the config's value; 0 or less is an error (it never silently means the default)."""
+    for flag, value in (("--num-t", num_t), ("--batch-size", batch_size)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag}: must be >= 1, got {value}")
+    if max_batches < 0:
+        raise ConfigError(f"--max-batches: must be >= 0 (0 = all), got {max_batches}")
 
 
 def _evaluate_loaded(
@@ -132,9 +144,12 @@ def _evaluate_loaded(
     model, cfg, tokenizer, meta = loaded
     data_cfg = cfg.data if dataset is None else dataclasses.replace(cfg.data, dataset_name=dataset)
     split = split or data_cfg.val_split
-    store = prepare_split(data_cfg, tokenizer, split)
-    batch_size = batch_size or data_cfg.batch_size
-    num_t = num_t or cfg.diffusion.eval_num_t
+    try:
+        store = prepare_split(data_cfg, tokenizer, split)
+    except DataError as err:  # atat eval takes the split as --split (or NAME:SPLIT), not as a config key
+        raise with_split_fix(err, "pass --split (or NAME:SPLIT in --datasets) with one of them") from None
+    batch_size = data_cfg.batch_size if batch_size is None else batch_size
+    num_t = cfg.diffusion.eval_num_t if num_t is None else num_t
     is_ar = cfg.model.name == "ar"
     result = evaluate_bound(
         model,
