@@ -137,6 +137,18 @@ def test_same_seed_same_samples(run_dir):
     assert a["samples"] == b["samples"] and a["samples"] != c["samples"]
 
 
+@pytest.mark.parametrize("sampler", ["ancestral", "confidence"])
+def test_a_sample_does_not_depend_on_the_others_in_its_batch(run_dir, sampler):
+    """Sample i comes from (seed, i) alone: --num-samples 2 gives the first two of --num-samples 4, at any batch
+    size (it used to differ: the effective batch was min(num-samples, batch-size))."""
+    kwargs = dict(sampler=sampler, num_steps=6, seed=3, device="cpu", progress=False)
+    two = sample_checkpoint(run_dir, num_samples=2, batch_size=16, **kwargs)["samples"]
+    four = sample_checkpoint(run_dir, num_samples=4, batch_size=16, **kwargs)["samples"]
+    one_by_one = sample_checkpoint(run_dir, num_samples=3, batch_size=1, **kwargs)["samples"]
+    assert two == four[:2] == one_by_one[:2] and four[2] == one_by_one[2]
+    assert len(set(four)) == 4  # each sample its own stream
+
+
 def test_infill_typos_are_errors_not_text():
     class Tok:
         mask_id = 99

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from mdlm_atat.config import ConfigError
 from mdlm_atat.data.tokenizers import Tokenizer
-from mdlm_atat.diffusion.samplers import AR_SAMPLERS, DIFFUSION_SAMPLERS, count_steps, generate
+from mdlm_atat.diffusion.samplers import AR_SAMPLERS, DIFFUSION_SAMPLERS, RowGenerators, count_steps, generate
 from mdlm_atat.diffusion.schedule import LogLinearSchedule
 from mdlm_atat.eval.generation import load_reference, sample_quality
 from mdlm_atat.eval.run import load_for_inference
@@ -162,7 +162,6 @@ def sample_checkpoint(
             notes.append("the estimator's importance_mode is none: every position rates the same (left to right)")
     schedule = LogLinearSchedule(cfg.diffusion.eps)  # the schedule the model was trained with
     autocast = autocast_for(torch_device, cfg.training.mixed_precision)
-    generator = torch.Generator(device=torch_device).manual_seed(seed)
     canvas_row = torch.tensor(content, dtype=torch.long, device=torch_device)
     batch_sizes = [min(batch_size, num_samples - i) for i in range(0, num_samples, batch_size)]
     steps_per_batch = count_steps(sampler, canvas_row[None], tokenizer.mask_id, num_steps, window, stride)
@@ -174,7 +173,9 @@ def sample_checkpoint(
     start = time.perf_counter()
     with tqdm(total=steps_per_batch * len(batch_sizes), desc=f"sample ({sampler})", unit="step",
               disable=not progress, dynamic_ncols=True, mininterval=0.5) as bar:
-        for b in batch_sizes:
+        for first, b in zip(range(0, num_samples, batch_size), batch_sizes):
+            # Sample i draws from its own stream, seeded by (seed, i): the same whatever --num-samples says.
+            generator = RowGenerators.for_samples(seed, range(first, first + b), torch_device)
             out = generate(
                 model, canvas_row.expand(b, -1).clone(), sampler=sampler, num_steps=num_steps, schedule=schedule,
                 mask_id=tokenizer.mask_id, head=head, tail=tail, window=window, stride=stride,
