@@ -241,6 +241,7 @@ def model_card(cfg: Config, tokenizer: Tokenizer, meta: dict, num_parameters: in
     lines = [
         "---",
         "library_name: mdlm-atat",
+        "tags: [autoregressive, causal-lm, text-generation]" if is_ar else
         "tags: [masked-diffusion, mdlm, atat, text-generation]",
         "---",
         "",
@@ -266,7 +267,7 @@ def model_card(cfg: Config, tokenizer: Tokenizer, meta: dict, num_parameters: in
             "MDLM's NELBO under uniform masking (an upper bound on the NLL; PPL = exp(NELBO) bounds perplexity)."
             if not is_ar else "Exact NLL (autoregressive).",
             "",
-            "| dataset | split | NELBO (nats/token) | PPL | tokens | step | source |",
+            f"| dataset | split | {'NLL' if is_ar else 'NELBO'} (nats/token) | PPL | tokens | step | source |",
             "| --- | --- | --- | --- | --- | --- | --- |",
         ]
         for e in evaluations:

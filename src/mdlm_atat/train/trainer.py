@@ -75,6 +75,13 @@ def make_objective(cfg: Config, tokenizer: Tokenizer) -> MaskedDiffusionObjectiv
     return MaskedDiffusionObjective(schedule, tokenizer.mask_id, cfg.diffusion.antithetic, fused=True)
 
 
+def method_name(cfg: Config) -> str:
+    """What the run trains, as metrics.jsonl, the report and the console name it."""
+    if cfg.model.name == "ar":
+        return "ar (autoregressive baseline: causal DiT, next-token loss)"
+    return f"atat ({cfg.atat.importance_mode}, {cfg.atat.masking})" if cfg.atat.enabled else "mdlm"
+
+
 def build_estimator(cfg: Config, num_tokens: int, unigram_counts) -> ImportanceEstimator | None:
     """ATAT's importance estimator with the training split's unigram surprisal, or None for the MDLM baseline."""
     if not cfg.atat.enabled:
@@ -232,7 +239,7 @@ def _train_locked(
             "device": str(device),
             "precision": precision_name(device, tc.mixed_precision),
             "parameters": count_parameters(model),
-            "method": "mdlm" if atat is None else f"atat ({cfg.atat.importance_mode}, {cfg.atat.masking})",
+            "method": method_name(cfg),
             "estimator_parameters": count_parameters(estimator) if estimator is not None else 0,
             "vocab_size": data.tokenizer.vocab_size,
             "train_blocks": len(data.train_blocks),
