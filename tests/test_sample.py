@@ -225,6 +225,28 @@ def test_eval_counts_never_fall_back_silently(run_dir):
             evaluate_datasets(run_dir, ["stdlib-docs"], device="cpu", **kwargs)
 
 
+def test_eval_no_cache_leaves_no_copy_of_the_data(run_dir, data_cache, tmp_path, capsys):
+    """--no-cache: a private file is scored from a temporary store; the cache holds no copy of it afterwards."""
+    corpus = tmp_path / "private.jsonl"
+    corpus.write_text("\n".join(json.dumps({"text": f"secret number {i} " * 30, "split": "validation"})
+                                 for i in range(12)) + "\n")
+    before = sorted(p.name for p in (data_cache / "stores").iterdir())
+    argv = ["eval", "--checkpoint", str(run_dir), "--dataset", str(corpus), "--device", "cpu", "--max-batches", "1"]
+    assert main([*argv, "--no-cache"]) == 0
+    uncached = json.loads(capsys.readouterr().out)
+    assert sorted(p.name for p in (data_cache / "stores").iterdir()) == before
+    assert main(argv) == 0  # the default keeps the tokenized copy (and scores the same)
+    assert json.loads(capsys.readouterr().out)["nelbo"] == uncached["nelbo"]
+    assert len(list((data_cache / "stores").iterdir())) == len(before) + 1
+
+
+def test_eos_in_samples_is_explained(run_dir, capsys):
+    tokenizer = load_for_inference(run_dir)[2]
+    eos = tokenizer.decode([tokenizer.eos_id])
+    code, summary, _ = sample(run_dir, capsys, "--infill", f"one{eos}[MASK:4]", "--num-samples", "1")
+    assert code == 0 and any(note.startswith(f"{eos} inside a sample is EOS") for note in summary["notes"])
+
+
 def test_dataset_entries():
     assert split_dataset_entry("stdlib-docs") == ("stdlib-docs", None)
     assert split_dataset_entry("stdlib-docs:test") == ("stdlib-docs", "test")

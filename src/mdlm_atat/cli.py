@@ -122,6 +122,13 @@ def _add_eval(subparsers) -> None:
     p.add_argument("--seed", type=SEED, default=0, help="seed of the masks and times (default 0)")
     p.add_argument("--no-ema", action="store_true", help="score the raw weights instead of the EMA")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (there is none when stderr is a file)")
+    p.add_argument(
+        "--no-cache", action="store_true",
+        help="tokenize into a temporary folder, removed afterwards, instead of keeping a copy of the scored text in "
+        "data.cache_dir (for private or held-out files; a HF dataset still goes through the datasets library's "
+        "own cache)",
+    )
 
 
 def _add_prepare(subparsers) -> None:
@@ -324,7 +331,8 @@ def run_eval(args: argparse.Namespace) -> int:
     from mdlm_atat.eval.run import evaluate_checkpoint, evaluate_datasets
 
     options = dict(split=args.split, num_t=args.num_t, batch_size=args.batch_size, max_batches=args.max_batches,
-                   seed=args.seed, use_ema=not args.no_ema, device=args.device)
+                   seed=args.seed, use_ema=not args.no_ema, device=args.device, progress=not args.no_progress,
+                   cache=not args.no_cache)
     if args.datasets is not None:
         if args.dataset is not None:
             raise ConfigError("--dataset and --datasets: give one (--datasets takes a comma-separated list)")

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from mdlm_atat.config import ConfigError
 from mdlm_atat.data.tokenizers import Tokenizer
@@ -26,6 +25,7 @@ from mdlm_atat.diffusion.samplers import AR_SAMPLERS, DIFFUSION_SAMPLERS, RowGen
 from mdlm_atat.diffusion.schedule import LogLinearSchedule
 from mdlm_atat.eval.generation import load_reference, sample_quality
 from mdlm_atat.eval.run import load_for_inference
+from mdlm_atat.progress import progress_bar
 from mdlm_atat.runtime import autocast_for, precision_name, resolve_device
 from mdlm_atat.train.checkpoint import resolve_checkpoint
 from mdlm_atat.viz.trace import write_trace_html
@@ -171,7 +171,7 @@ def sample_checkpoint(
     num_calls = num_evals = steps_taken = 0
     cache_used = False
     start = time.perf_counter()
-    with tqdm(total=steps_per_batch * len(batch_sizes), desc=f"sample ({sampler})", unit="step",
+    with progress_bar(total=steps_per_batch * len(batch_sizes), desc=f"sample ({sampler})", unit="step",
               disable=not progress, dynamic_ncols=True, mininterval=0.5) as bar:
         for first, b in zip(range(0, num_samples, batch_size), batch_sizes):
             # Sample i draws from its own stream, seeded by (seed, i): the same whatever --num-samples says.
@@ -197,6 +197,10 @@ def sample_checkpoint(
         torch.cuda.synchronize(torch_device)
     seconds = time.perf_counter() - start
     texts = [content_text(tokenizer, ids, cfg.data.framing) for ids in token_rows]
+    if cfg.data.framing == "packed" and any(tokenizer.eos_id in ids for ids in token_rows):
+        eos = tokenizer.decode([tokenizer.eos_id])
+        notes.append(f"{eos} inside a sample is EOS: training blocks are documents packed end to end, each ended by "
+                     f"EOS, so the model learned to end one document and begin another within a block")
 
     num_given = sum(i != tokenizer.mask_id for i in content)
     summary: dict[str, Any] = {
