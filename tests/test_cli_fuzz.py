@@ -50,5 +50,6 @@ def test_valid_edges_parse():
     parser = build_parser()
     args = parser.parse_args(["eval", "--checkpoint", "c", "--max-batches", "0", "--seed", "0", "--num-t", "4096"])
     assert (args.max_batches, args.seed, args.num_t) == (0, 0, 4096)
-    args = parser.parse_args(["sample", "--checkpoint", "c", "--stride", "1", "--length", "1", "--seed", str(2**63 - 1)])
+    args = parser.parse_args(["sample", "--checkpoint", "c", "--stride", "1", "--length", "1",
+                              "--seed", str(2**63 - 1)])
     assert (args.stride, args.length, args.seed) == (1, 1, 2**63 - 1)

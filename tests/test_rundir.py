@@ -136,7 +136,7 @@ def test_resumed_run_logs_what_the_uninterrupted_run_logs(tiny_config, tmp_path,
     """B8: killed after a checkpoint, resumed: the first loss logged after the resume is the uninterrupted run's
     (the log window is part of the checkpoint), and metrics.jsonl holds each step once."""
     overrides = ("training.total_steps=8", "training.log_every_n_steps=4", "training.save_every_n_steps=3",
-                 "training.eval_every_n_steps=100", "logging.tensorboard=false", "model.dropout=0.0")
+                 "training.eval_every_n_steps=100", "logging.tensorboard=false", "atat.enabled=false")
     whole = tmp_path / "whole"
     train(tiny_config(*overrides), whole)
     run = tmp_path / "run"

@@ -240,6 +240,17 @@ def test_eval_no_cache_leaves_no_copy_of_the_data(run_dir, data_cache, tmp_path,
     assert len(list((data_cache / "stores").iterdir())) == len(before) + 1
 
 
+def test_eval_shows_progress_per_dataset_and_batch(run_dir, capsys, monkeypatch):
+    """A six-dataset evaluation sat silent for minutes: on a terminal, a bar per dataset, batch by batch."""
+    monkeypatch.setattr("mdlm_atat.progress.interactive", lambda stream: True)
+    assert main(["eval", "--checkpoint", str(run_dir), "--datasets", "stdlib-docs,stdlib-docs:test",
+                 "--max-batches", "3", "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    assert "eval [1/2] stdlib-docs:validation" in err and "eval [2/2] stdlib-docs:test" in err and "3/3" in err
+    assert main(["eval", "--checkpoint", str(run_dir), "--max-batches", "1", "--device", "cpu", "--no-progress"]) == 0
+    assert "eval " not in capsys.readouterr().err
+
+
 def test_eos_in_samples_is_explained(run_dir, capsys):
     tokenizer = load_for_inference(run_dir)[2]
     eos = tokenizer.decode([tokenizer.eos_id])

@@ -89,8 +89,8 @@ def console_line(record: dict[str, Any]) -> str:
         return line
     if event == "val":
         best = "  (best)" if r.get("best") else ""
-        return (f"step {r['step']:>6}  validation {_num(r.get('val_nelbo'), '.4f')} +- {_num(r.get('val_stderr'), '.4f')}"
-                f" nats/token, PPL {_num(r.get('val_ppl'), ',.2f')} ({r.get('val_tokens', 0):,} tokens){best}")
+        return (f"step {r['step']:>6}  validation {_num(r.get('val_nelbo'), '.4f')} +- "
+                f"{_num(r.get('val_stderr'), '.4f')} nats/token, PPL {_num(r.get('val_ppl'), ',.2f')} ({r.get('val_tokens', 0):,} tokens){best}")
     if event == "atat_val":
         return (f"step {r['step']:>6}  estimator Spearman {_num(r.get('spearman_estimator'), '.3f')} vs unigram "
                 f"{_num(r.get('spearman_frequency_baseline'), '.3f')}")

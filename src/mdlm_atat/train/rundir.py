@@ -107,7 +107,8 @@ class RunLock:
                     continue
                 if holder:
                     same_host = holder.get("host") == host
-                    if same_host and locked is None and _pid_alive(holder.get("pid")) and holder.get("pid") != os.getpid():
+                    pid = holder.get("pid")
+                    if same_host and locked is None and _pid_alive(pid) and pid != os.getpid():  # no flock here
                         raise RunDirError(_in_use(run_dir, holder, path))
                     if not same_host and time.time() - os.fstat(fd).st_mtime < STALE_S:
                         raise RunDirError(_in_use(run_dir, holder, path))

@@ -42,8 +42,8 @@ from mdlm_atat.train.checkpoint import (
 )
 from mdlm_atat.train.faults import GracefulStop, NonFiniteGuard, check_writable
 from mdlm_atat.train.metrics import MetricsLog, build_sinks
-from mdlm_atat.train.rundir import RunLock, check_new_run_dir, check_resume_config, trim_metrics
 from mdlm_atat.train.optim import build_ema, build_optimizer, build_scheduler
+from mdlm_atat.train.rundir import RunLock, check_new_run_dir, check_resume_config, trim_metrics
 
 
 @dataclass
@@ -410,7 +410,8 @@ def _train_locked(
             if log_now:
                 loss = math.nan  # every step since the last log was skipped (non-finite)
                 if applied_since_log:
-                    loss = distributed.mean_over_ranks(loss_sum.clone(), dist_env).item() / applied_since_log  # global batch
+                    # the global batch's mean (a copy: the window may stay open, see regular_log)
+                    loss = distributed.mean_over_ranks(loss_sum.clone(), dist_env).item() / applied_since_log
                 elapsed = time.perf_counter() - log_clock
                 first_loss = loss if first_loss is None else first_loss
                 last_loss = loss
