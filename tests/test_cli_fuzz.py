@@ -23,15 +23,23 @@ CASES = [(verb, option, value) for verb, (_, options) in NUMERIC.items() for opt
          for value in (["-5", "10" * 15, "abc", "1.5", "", "1e3"] + ([] if zero_ok else ["0"]))]
 
 
-def test_every_numeric_option_is_listed():
-    """A numeric option added to a verb must be added here too (an int-typed argparse action)."""
+def test_every_numeric_option_is_listed_and_range_checked():
+    """A numeric option added to a verb must be added here too, with a range (cli.count), not a bare int."""
     parser = build_parser()
     verbs = parser._subparsers._group_actions[0].choices
     for verb, sub in verbs.items():
         if verb == "download":
             continue
-        numeric = {a.option_strings[0] for a in sub._actions if getattr(a.type, "__name__", "") in ("int", "count")}
-        assert numeric == set(NUMERIC[verb][1]), verb
+        numeric = {a.option_strings[0]: a.type.__name__ for a in sub._actions
+                   if getattr(a.type, "__name__", "") in ("int", "count")}
+        assert set(numeric) == set(NUMERIC[verb][1]), verb
+        assert set(numeric.values()) <= {"count"}, (verb, numeric)
+    # The valid edges still parse: 0 where 0 means something, the largest seed.
+    args = parser.parse_args(["eval", "--checkpoint", "c", "--max-batches", "0", "--seed", "0", "--num-t", "4096"])
+    assert (args.max_batches, args.seed, args.num_t) == (0, 0, 4096)
+    args = parser.parse_args(["sample", "--checkpoint", "c", "--stride", "1", "--length", "1",
+                              "--seed", str(2**63 - 1)])
+    assert (args.stride, args.length, args.seed) == (1, 1, 2**63 - 1)
 
 
 @pytest.mark.parametrize("verb, option, value", CASES)
@@ -45,11 +53,3 @@ def test_bad_numbers_are_one_line_and_write_nothing(verb, option, value, tmp_pat
     assert err.count("\n") == 1 and err.startswith(f"atat {verb}: error: argument {option}: "), err
     assert list(tmp_path.iterdir()) == []
 
-
-def test_valid_edges_parse():
-    parser = build_parser()
-    args = parser.parse_args(["eval", "--checkpoint", "c", "--max-batches", "0", "--seed", "0", "--num-t", "4096"])
-    assert (args.max_batches, args.seed, args.num_t) == (0, 0, 4096)
-    args = parser.parse_args(["sample", "--checkpoint", "c", "--stride", "1", "--length", "1",
-                              "--seed", str(2**63 - 1)])
-    assert (args.stride, args.length, args.seed) == (1, 1, 2**63 - 1)
