@@ -45,10 +45,29 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
+def repo_relative(text: str) -> str:
+    """A path as a reader of the results would type it from the checkout: relative to the repository (../shared
+    for the offline corpora beside it), never the absolute path of the machine that ran the benchmark."""
+    for root, shown in ((REPO, ""), (REPO.parent / "shared", "../shared/")):
+        for prefix in (f"{root}/", f"{root.resolve()}/"):
+            text = text.replace(prefix, shown)
+        if text in (str(root), str(root.resolve())):
+            return shown.rstrip("/") or "."
+    return text
+
+
+def shown_command() -> str:
+    """The command as run (`python SCRIPT ARGS`), its paths relative to the repository."""
+    return repo_relative(shlex.join(["python", *sys.argv]))
+
+
 def run_facts(device: torch.device, device_name: str, precision: str) -> dict[str, Any]:
     """What every benchmark JSON starts with: the command as run, when, and on what."""
     return {
-        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
+        "command": shown_command(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch_version": torch.__version__,
         "cuda_version": torch.version.cuda,

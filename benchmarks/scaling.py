@@ -85,7 +85,7 @@ from mdlm_atat.train import distributed
 from mdlm_atat.train.optim import build_ema, build_optimizer
 from mdlm_atat.train.trainer import build_estimator
 from mdlm_atat.viz.report import read_metrics
-from common import fmt, print_table, synchronize  # noqa: E402 (benchmarks/ is on sys.path when run as a script)
+from common import fmt, print_table, repo_relative, synchronize  # noqa: E402 (benchmarks/ is on sys.path when run as a script)
 
 VARIANTS = ("ddp", "ddp-compiled", "fsdp", "fsdp-compiled")
 NUM_DISTINCT_BATCHES = 4
@@ -580,12 +580,12 @@ def write_output(
         return
     args.output.parent.mkdir(parents=True, exist_ok=True)
     record = {
-        "command": shlex.join(["python3", "benchmarks/scaling.py", *argv]),
+        "command": repo_relative(shlex.join(["python3", "benchmarks/scaling.py", *argv])),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "method": "atat" if args.atat else "mdlm",
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "args": {k: (repo_relative(str(v)) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "results": results,
         "resume_checks": checks,
     }

@@ -43,9 +43,7 @@ from mdlm_atat.data import store as store_mod
 from mdlm_atat.data.sources import InputReport
 from mdlm_atat.data.tokenizers import Tokenizer, build_tokenizer
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-if not SHARED.is_dir():
-    SHARED = Path("/work/shared")
+SHARED = Path(__file__).resolve().parents[2] / "shared"  # ../shared beside the checkout
 
 # ----------------------------------------------------------------------------------------------------------
 # The `pool` encoder
@@ -178,11 +176,13 @@ def main() -> int:
             pool.close()
             pool.join()
 
+    from common import repo_relative, shown_command  # here, not at the top: spawned workers need no torch
+
     record = {
         "benchmark": "tokenize_throughput",
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
-        "corpus": args.corpus,
+        "command": shown_command(),
+        "corpus": repo_relative(args.corpus),
         "tokenizer": tokenizer.name,
         "max_length": args.max_length,
         "cpu_count": os.cpu_count(),

@@ -116,3 +116,26 @@ def test_ar_trains_evals_and_samples_through_the_cli(tmp_path, data_cache, capsy
 
     assert main(["sample", "--checkpoint", str(run), "--sampler", "confidence"]) == 2
     assert "autoregressive" in capsys.readouterr().err
+
+    # B7: where a user compares AR with diffusion, the AR run is named as what it is, not as MDLM.
+    assert records[0]["event"] == "start" and records[0]["method"].startswith("ar (autoregressive")
+    from mdlm_atat.export import export_checkpoint
+
+    export_checkpoint(run, tmp_path / "export", eval_files=[output])
+    card = (tmp_path / "export" / "README.md").read_text()
+    assert "tags: [autoregressive, causal-lm" in card and "masked-diffusion" not in card
+    assert "| NLL (nats/token) |" in card and "NELBO" not in card
+    pytest.importorskip("matplotlib")
+    from matplotlib.image import imread
+
+    from mdlm_atat.viz.report import write_report
+
+    (run / "eval.json").write_text(output.read_text())
+    write_report(run, tmp_path / "report")
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert "validation NLL (last)" in page and "PPL = " in page and "ar (autoregressive" in page
+    assert "validation NELBO" not in page and "PPL &lt;=" not in page and "PPL &le;" not in page
+    image = imread(tmp_path / "report" / "summary.png")[..., :3]  # (H, W, 3)
+    h, w = image.shape[0] // 2, image.shape[1] // 2
+    quadrants = [image[:h, :w], image[:h, w:], image[h:, :w], image[h:, w:]]
+    assert all((q < 0.9).any(axis=-1).mean() > 0.01 for q in quadrants)  # no blank panel (3 of 4 were)

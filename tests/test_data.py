@@ -19,9 +19,7 @@ from mdlm_atat.data.sources import DataError, load_documents, stdlib_documents
 from mdlm_atat.data.store import pack_documents, prepare_split
 from mdlm_atat.data.tokenizers import Tokenizer, build_tokenizer
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-if not SHARED.is_dir():
-    SHARED = Path("/work/shared")
+SHARED = Path(__file__).resolve().parents[2] / "shared"  # ../shared beside the checkout, as the README says
 GPT2 = SHARED / "tokenizers" / "gpt2"
 BERT = SHARED / "tokenizers" / "bert-base-uncased"
 needs_shared = pytest.mark.skipif(not GPT2.is_dir(), reason="../shared/tokenizers not present")

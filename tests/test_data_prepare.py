@@ -78,7 +78,8 @@ def test_manifest_lists_what_issue_3_asks(tiny_cfg: DataConfig) -> None:
     docs = tok.encode_batch(load_documents(tiny_cfg, "train"))
     assert m["source"] == tiny_cfg.dataset_name and m["split"] == "train"
     assert (m["tokenizer"], m["tokenizer_fingerprint"]) == (tok.name, tok.fingerprint())
-    assert (m["framing"], m["max_length"], m["dtype"], m["num_tokens"]) == ("packed", 16, "uint16", 301)
+    assert (m["framing"], m["max_length"], m["dtype"], m["num_ids"]) == ("packed", 16, "uint16", 301)
+    assert "num_tokens" not in m and m["num_block_tokens"] == store.blocks.size  # was the vocabulary's size
     assert m["num_document_tokens"] == sum(len(d) + 1 for d in docs)
     assert m["num_blocks"] == m["num_document_tokens"] // 14 == len(store.blocks)
     assert m["num_dropped_tokens"] == m["num_document_tokens"] % 14

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -76,7 +77,7 @@ def test_export_cli_and_its_errors(run_dir, tmp_path, capsys):
     assert main(["export", "--checkpoint", str(run_dir / "checkpoints" / "best.pt"), "--out", str(out)]) == 0
     assert json.loads(capsys.readouterr().out)["step"] == 6
     assert main(["export", "--checkpoint", str(run_dir), "--out", str(out)]) == 2
-    assert "exists and is not empty" in capsys.readouterr().err
+    assert "holds a previous export; pass --force" in capsys.readouterr().err
     assert main(["export", "--checkpoint", str(run_dir), "--out", str(out), "--force", "--no-ema"]) == 0
     capsys.readouterr()
     assert main(["eval", "--checkpoint", str(out), "--max-batches", "1", "--device", "cpu"]) == 0
@@ -89,3 +90,48 @@ def test_export_cli_and_its_errors(run_dir, tmp_path, capsys):
     (tmp_path / "ema" / "model.safetensors").write_bytes(b"\x00" * 10)
     with pytest.raises(CheckpointError, match="model.safetensors: cannot load"):
         load_for_inference(tmp_path / "ema")
+
+
+def _files(folder):
+    """Every file under `folder` with its bytes: what a refused command must leave as it was."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_force_replaces_only_a_previous_export(run_dir, tmp_path, capsys, monkeypatch):
+    """--force on the run folder itself, on a folder of other files, on `.`: one line, exit 2, nothing touched."""
+    best = str(run_dir / "checkpoints" / "best.pt")
+    before = _files(run_dir)
+    assert main(["export", "--checkpoint", best, "--out", str(run_dir), "--force"]) == 2
+    err = capsys.readouterr().err
+    assert "holds the checkpoint being exported" in err and err.count("\n") == 1
+    assert _files(run_dir) == before
+    other_run = tmp_path / "other-run"  # a run folder (or any folder) that is not an export
+    (other_run / "checkpoints").mkdir(parents=True)
+    (other_run / "checkpoints" / "last.pt").write_bytes(b"weights")
+    (other_run / "notes.txt").write_text("mine")
+    kept = _files(other_run)
+    assert main(["export", "--checkpoint", best, "--out", str(other_run), "--force"]) == 2
+    err = capsys.readouterr().err
+    assert "not an atat export" in err and err.count("\n") == 1
+    assert _files(other_run) == kept
+    monkeypatch.chdir(other_run)
+    assert main(["export", "--checkpoint", best, "--out", ".", "--force"]) == 2  # was: ValueError (empty name)
+    err = capsys.readouterr().err
+    assert "current folder" in err and err.count("\n") == 1
+    assert _files(other_run) == kept
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.chdir(empty)
+    assert main(["export", "--checkpoint", best, "--out", "."]) == 2
+    capsys.readouterr()
+    assert list(empty.iterdir()) == []
+
+
+def test_exported_files_are_readable_by_others(run_dir, tmp_path):
+    previous = os.umask(0o022)
+    try:
+        export_checkpoint(run_dir, tmp_path / "shared")
+    finally:
+        os.umask(previous)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "shared").iterdir()}
+    assert modes["model.safetensors"] == 0o644 and set(modes.values()) == {0o644}, modes

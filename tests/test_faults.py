@@ -195,6 +195,12 @@ def test_truncated_checkpoint_is_named_and_resume_falls_back(tiny_config, tmp_pa
     assert "last.pt: checksum mismatch" in err and "resuming from" in err and "last.prev.pt (step 3)" in err
     losses_by_step(run)  # steps 4-6, run twice, logged the same losses
     assert load_checkpoint(last)["state"]["step"] == 6  # rewritten whole
+    # Both last.pt and last.prev.pt damaged: the intact best.pt is the checkpoint left (it was ignored before).
+    for name in ("last.pt", "last.prev.pt"):
+        (run / "checkpoints" / name).write_bytes(b"damaged")
+    payload, path = load_resume_checkpoint(run)
+    assert path.name == "best.pt" and payload["state"]["step"] in (3, 6)
+    assert "resuming from" in capsys.readouterr().err
 
 
 def test_no_readable_checkpoint_names_every_file(tmp_path):
@@ -294,3 +300,29 @@ def test_too_many_nonfinite_in_a_row_stop_with_a_clear_error(tiny_config, tmp_pa
 
     with pytest.raises(NonFiniteError):
         train(tiny_config("training.max_nonfinite_steps=1"), tmp_path / "again")
+
+
+def test_a_torch_file_that_is_not_a_checkpoint_is_one_line(tmp_path, capsys):
+    """B2: a bare state dict was `KeyError: 'config'` in eval, sample, export and resume; a text file printed torch's
+    advice to load with weights_only=False (which runs the file's code)."""
+    state_dict = tmp_path / "sd.pt"
+    torch.save(torch.nn.Linear(2, 2).state_dict(), state_dict)
+    text = tmp_path / "README.md"
+    text.write_text("# not a checkpoint\n")
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    torch.save(torch.nn.Linear(2, 2).state_dict(), run / "checkpoints" / "last.pt")
+    commands = [
+        (["eval", "--checkpoint", str(state_dict)], "not a checkpoint of atat train"),
+        (["sample", "--checkpoint", str(state_dict), "--no-progress"], "not a checkpoint of atat train"),
+        (["export", "--checkpoint", str(state_dict), "--out", str(tmp_path / "out")], "not a checkpoint of atat"),
+        (["train", "--log-dir", str(run), "--resume"], "not a checkpoint of atat train"),
+        (["eval", "--checkpoint", str(text)], "not a readable checkpoint"),
+    ]
+    for argv, message in commands:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1 and err.startswith(f"atat {argv[0]}: error: "), err
+        assert "weights_only" not in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "run", "sd.pt"]
+    assert sorted(p.name for p in run.rglob("*")) == ["checkpoints", "last.pt"]

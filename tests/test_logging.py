@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 import types
 
@@ -45,14 +46,24 @@ def fake_wandb(monkeypatch):
     return module
 
 
-def test_training_logs_to_console_metrics_tensorboard_and_wandb(tiny_config, tmp_path, fake_wandb, capsys):
+def test_training_logs_to_console_metrics_tensorboard_and_wandb(tiny_config, tmp_path, fake_wandb, capsys,
+                                                               monkeypatch):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run = tmp_path / "run"
+    import mdlm_atat.progress
+
+    on_a_file = mdlm_atat.progress.interactive
+    monkeypatch.setattr(mdlm_atat.progress, "interactive", lambda stream: True)  # as on a terminal
     train(tiny_config("logging.wandb_project=atat-test"), run, max_steps=3)
-    err = capsys.readouterr().err
+    captured = capsys.readouterr()
+    err = captured.err
     assert "step/s" in err and "tok_s=" in err and "loss=" in err  # the progress bar: rate, ETA, loss, tokens/s
+    train_lines = [line for line in captured.out.splitlines() if line.startswith("step ") and "loss" in line]
+    assert len(train_lines) == 3 and all(len(line) < 130 for line in train_lines), train_lines  # were ~450 wide
+    assert re.search(r"\| \w+ beta [+-]\d\.\d\d mask 0\.\d+/0\.\d+ est ", train_lines[0])  # ATAT's state, briefly
+    monkeypatch.setattr(mdlm_atat.progress, "interactive", on_a_file)
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert all("time" in r for r in lines)
 
@@ -72,6 +83,8 @@ def test_training_logs_to_console_metrics_tensorboard_and_wandb(tiny_config, tmp
 
     train(tiny_config("logging.wandb_project=atat-test"), run, resume=True)
     assert fake_wandb.runs[1].init["id"] == first.init["id"]  # a resumed run continues the same W&B run
+    err = capsys.readouterr().err
+    assert "\r" not in err and "step/s" not in err  # output to a file: no progress bar redrawn into it
 
 
 def test_missing_packages_are_one_line_notes(tmp_path, monkeypatch, capsys):

@@ -46,6 +46,14 @@ def test_report_renders_every_plot_and_the_page(atat_run, tmp_path):
         assert f'src="{name}"' in page
     assert "validation NELBO (last)" in page and "total_steps: 9" in page  # final numbers, config
     assert "eval.json" in page and "445.90" in page  # the atat eval result found in the run folder
+    assert "DESIGN" not in page  # captions cite what is in the repository
+
+
+def test_frequency_bins_have_one_naming():
+    from mdlm_atat.viz.report import frequency_bin_name
+
+    assert [frequency_bin_name(b, 5) for b in range(5)] == [
+        "fifth 1 (rarest)", "fifth 2", "fifth 3", "fifth 4", "fifth 5 (commonest)"]
 
 
 def test_the_records_a_report_reads(atat_run):

@@ -137,6 +137,31 @@ def test_same_seed_same_samples(run_dir):
     assert a["samples"] == b["samples"] and a["samples"] != c["samples"]
 
 
+@pytest.mark.parametrize("sampler", ["ancestral", "confidence"])
+def test_a_sample_does_not_depend_on_the_others_in_its_batch(run_dir, sampler):
+    """Sample i comes from (seed, i) alone: --num-samples 2 gives the first two of --num-samples 4, at any batch
+    size (it used to differ: the effective batch was min(num-samples, batch-size))."""
+    kwargs = dict(sampler=sampler, num_steps=6, seed=3, device="cpu", progress=False)
+    two = sample_checkpoint(run_dir, num_samples=2, batch_size=16, **kwargs)["samples"]
+    four = sample_checkpoint(run_dir, num_samples=4, batch_size=16, **kwargs)["samples"]
+    one_by_one = sample_checkpoint(run_dir, num_samples=3, batch_size=1, **kwargs)["samples"]
+    assert two == four[:2] == one_by_one[:2] and four[2] == one_by_one[2]
+    assert len(set(four)) == 4  # each sample its own stream
+
+
+def test_infill_typos_are_errors_not_text():
+    class Tok:
+        mask_id = 99
+
+        def encode(self, text):
+            return [ord(c) for c in text]
+
+    for typo in ("[MASK: 3]", "[mask:2]", "[MASK:abc]", "[Mask]", "[MASK:4"):
+        with pytest.raises(ConfigError, match=r"^--infill: .* is not a gap; write \[MASK\]"):
+            parse_template(Tok(), f"a {typo} b")
+    assert parse_template(Tok(), "[masked] [MASK]") == [ord(c) for c in "[masked] "] + [99]
+
+
 def test_ancestral_cache_matches_ancestral_from_the_cli(run_dir):
     kwargs = dict(num_steps=64, num_samples=2, seed=0, device="cpu", progress=False)
     plain = sample_checkpoint(run_dir, sampler="ancestral", **kwargs)
@@ -177,6 +202,60 @@ def test_eval_datasets_writes_one_result_per_dataset(run_dir, tmp_path, capsys):
     assert again == result  # deterministic for a fixed seed
     assert main(["eval", "--checkpoint", str(run_dir), "--dataset", "a", "--datasets", "b"]) == 2
     assert "give one" in capsys.readouterr().err
+
+
+def test_a_bad_split_names_the_flag_that_fixes_it(run_dir, data_cache, capsys):
+    """B10: the fix suggested was a config key (data.val_split) that atat eval does not take."""
+    for args in (["--split", "foo"], ["--datasets", "stdlib-docs:foo"]):
+        assert main(["eval", "--checkpoint", str(run_dir), "--device", "cpu", *args]) == 2
+        err = capsys.readouterr().err
+        assert "split 'foo'" in err and "pass --split" in err and "data." not in err and err.count("\n") == 1, err
+    tokenizer = [o for o in TINY_OVERRIDES if o.startswith(("data.tokenizer", "data.max_length"))]
+    assert main(["prepare", "--datasets", "stdlib-docs", "--splits", "foo", "--no-progress", "--output-dir",
+                 str(data_cache), *tokenizer]) == 2
+    err = capsys.readouterr().err
+    assert "no split could be prepared" in err and "pass --splits" in err and "data.train_split" not in err
+
+
+def test_eval_counts_never_fall_back_silently(run_dir):
+    """B3: --num-t 0 meant 4 and --batch-size 0 meant 32; negative values were tracebacks."""
+    for kwargs, flag in ((dict(num_t=0), "--num-t"), (dict(batch_size=-4), "--batch-size"),
+                         (dict(max_batches=-1), "--max-batches")):
+        with pytest.raises(ConfigError, match=f"^{flag}: must be >= "):
+            evaluate_datasets(run_dir, ["stdlib-docs"], device="cpu", **kwargs)
+
+
+def test_eval_no_cache_leaves_no_copy_of_the_data(run_dir, data_cache, tmp_path, capsys):
+    """--no-cache: a private file is scored from a temporary store; the cache holds no copy of it afterwards."""
+    corpus = tmp_path / "private.jsonl"
+    corpus.write_text("\n".join(json.dumps({"text": f"secret number {i} " * 30, "split": "validation"})
+                                 for i in range(12)) + "\n")
+    before = sorted(p.name for p in (data_cache / "stores").iterdir())
+    argv = ["eval", "--checkpoint", str(run_dir), "--dataset", str(corpus), "--device", "cpu", "--max-batches", "1"]
+    assert main([*argv, "--no-cache"]) == 0
+    uncached = json.loads(capsys.readouterr().out)
+    assert sorted(p.name for p in (data_cache / "stores").iterdir()) == before
+    assert main(argv) == 0  # the default keeps the tokenized copy (and scores the same)
+    assert json.loads(capsys.readouterr().out)["nelbo"] == uncached["nelbo"]
+    assert len(list((data_cache / "stores").iterdir())) == len(before) + 1
+
+
+def test_eval_shows_progress_per_dataset_and_batch(run_dir, capsys, monkeypatch):
+    """A six-dataset evaluation sat silent for minutes: on a terminal, a bar per dataset, batch by batch."""
+    monkeypatch.setattr("mdlm_atat.progress.interactive", lambda stream: True)
+    assert main(["eval", "--checkpoint", str(run_dir), "--datasets", "stdlib-docs,stdlib-docs:test",
+                 "--max-batches", "3", "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    assert "eval [1/2] stdlib-docs:validation" in err and "eval [2/2] stdlib-docs:test" in err and "3/3" in err
+    assert main(["eval", "--checkpoint", str(run_dir), "--max-batches", "1", "--device", "cpu", "--no-progress"]) == 0
+    assert "eval " not in capsys.readouterr().err
+
+
+def test_eos_in_samples_is_explained(run_dir, capsys):
+    tokenizer = load_for_inference(run_dir)[2]
+    eos = tokenizer.decode([tokenizer.eos_id])
+    code, summary, _ = sample(run_dir, capsys, "--infill", f"one{eos}[MASK:4]", "--num-samples", "1")
+    assert code == 0 and any(note.startswith(f"{eos} inside a sample is EOS") for note in summary["notes"])
 
 
 def test_dataset_entries():

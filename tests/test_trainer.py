@@ -115,3 +115,15 @@ def test_padded_framing_trains_and_never_counts_padding(tiny_config, tmp_path):
     assert math.isfinite(summary["last_loss"])
     result = evaluate_checkpoint(tmp_path / "run", max_batches=2, device="cpu")
     assert 0 < result["num_tokens"] < 2 * 8 * 32 / 2  # short sentences: most positions are padding, not counted
+
+
+def test_a_large_model_on_the_cpu_says_what_it_costs(tiny_config, capsys):
+    """model.size=tiny (31M parameters, 15x the quickstart's) started on a CPU without a word."""
+    from mdlm_atat.train.trainer import _note_cpu_cost
+
+    _note_cpu_cost(torch.nn.Linear(4096, 4096), torch.device("cpu"), tiny_config())  # 16.8M parameters
+    err = capsys.readouterr().err
+    assert err.startswith("note: a 16.8M-parameter denoiser on the CPU (8x the quickstart's 2.1M)")
+    assert "s per step" in err
+    _note_cpu_cost(torch.nn.Linear(64, 64), torch.device("cpu"), tiny_config())
+    assert capsys.readouterr().err == ""

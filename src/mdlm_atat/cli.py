@@ -10,14 +10,59 @@ from pathlib import Path
 
 from mdlm_atat import __version__
 from mdlm_atat.config import ConfigError, apply_overrides, from_dict, load_config
-from mdlm_atat.data.sources import DataError
-from mdlm_atat.train.checkpoint import CheckpointError, RunDirError, has_checkpoint, load_resume_checkpoint
-from mdlm_atat.train.faults import NonFiniteError
 
-# Errors a user can cause: one line naming the cause and the fix, no stack trace.
-USER_ERRORS = (ConfigError, DataError, CheckpointError, RunDirError, NonFiniteError)
+# torch (a second to import) loads with the verb that needs it, not for `atat --help`.
 
 OVERRIDE_HELP = "config overrides, e.g. training.learning_rate=1e-4 model.size=tiny (section.key=value)"
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """Errors a user can cause: one line naming the cause and the fix, no stack trace."""
+    from mdlm_atat.data.sources import DataError
+    from mdlm_atat.train.checkpoint import CheckpointError, RunDirError
+    from mdlm_atat.train.faults import NonFiniteError
+
+    return (ConfigError, DataError, CheckpointError, RunDirError, NonFiniteError)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with usage errors on one line (exit 2), naming the verb and where its help is."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+INT64_MAX = 2**63 - 1
+
+
+def count(minimum: int, maximum: int, meaning: str = ""):
+    """An argparse type: an integer in [minimum, maximum]; anything else is one usage line, before any work."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if not minimum <= value <= maximum:
+            bound = f">= {minimum}" if maximum >= INT64_MAX else f"in [{minimum}, {maximum:,}]"
+            raise argparse.ArgumentTypeError(f"must be {bound}{meaning}, got {text}")
+        return value
+
+    parse.__name__ = "count"  # argparse names the type in some messages
+    return parse
+
+
+# The numeric options of every verb and their valid ranges (tests/test_cli_fuzz.py throws bad values at each).
+MAX_STEPS = count(1, INT64_MAX)
+NUM_T = count(1, 4096)
+EVAL_BATCH = count(1, 1 << 16)
+MAX_BATCHES = count(0, INT64_MAX, " (0 = all)")
+SEED = count(0, INT64_MAX)
+SAMPLE_STEPS = count(1, 100_000)
+NUM_SAMPLES = count(1, 1_000_000)
+SAMPLE_BATCH = count(1, 1 << 16)
+LENGTH = count(1, 10_000_000)
+STRIDE = count(1, 10_000_000)
 
 
 def _add_train(subparsers) -> None:
@@ -34,7 +79,7 @@ def _add_train(subparsers) -> None:
     )
     p.add_argument(
         "--max-steps",
-        type=int,
+        type=MAX_STEPS,
         help="stop this invocation at this global step (the LR schedule still follows training.total_steps)",
     )
     p.add_argument(
@@ -71,12 +116,19 @@ def _add_eval(subparsers) -> None:
     )
     p.add_argument("--split", help="split to score (default: the config's data.val_split)")
     p.add_argument("--output", type=Path, help="also write the JSON to this file")
-    p.add_argument("--num-t", type=int, help="stratified times t per sequence (default: diffusion.eval_num_t)")
-    p.add_argument("--batch-size", type=int, help="sequences per batch (default: data.batch_size)")
-    p.add_argument("--max-batches", type=int, default=0, help="score at most this many batches (0 = all)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the masks and times (default 0)")
+    p.add_argument("--num-t", type=NUM_T, help="stratified times t per sequence (default: diffusion.eval_num_t)")
+    p.add_argument("--batch-size", type=EVAL_BATCH, help="sequences per batch (default: data.batch_size)")
+    p.add_argument("--max-batches", type=MAX_BATCHES, default=0, help="score at most this many batches (0 = all)")
+    p.add_argument("--seed", type=SEED, default=0, help="seed of the masks and times (default 0)")
     p.add_argument("--no-ema", action="store_true", help="score the raw weights instead of the EMA")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (there is none when stderr is a file)")
+    p.add_argument(
+        "--no-cache", action="store_true",
+        help="tokenize into a temporary folder, removed afterwards, instead of keeping a copy of the scored text in "
+        "data.cache_dir (for private or held-out files; a HF dataset still goes through the datasets library's "
+        "own cache)",
+    )
 
 
 def _add_prepare(subparsers) -> None:
@@ -145,17 +197,18 @@ def _add_sample(subparsers) -> None:
         help="with --sampler confidence: the most confident positions first (default), or easy-first, the "
         "positions ATAT's importance estimator (saved with the checkpoint) rates least important first",
     )
-    p.add_argument("--steps", type=int, default=128, help="denoising steps per block (default 128; unused by ar)")
-    p.add_argument("--num-samples", type=int, default=4, help="samples to generate (default 4)")
-    p.add_argument("--batch-size", type=int, default=16, help="samples per batch (default 16)")
-    p.add_argument("--seed", type=int, default=0, help="seed of every draw (default 0); same seed, same samples")
+    p.add_argument("--steps", type=SAMPLE_STEPS, default=128,
+                   help="denoising steps per block (default 128; unused by ar)")
+    p.add_argument("--num-samples", type=NUM_SAMPLES, default=4, help="samples to generate (default 4)")
+    p.add_argument("--batch-size", type=SAMPLE_BATCH, default=16, help="samples per batch (default 16)")
+    p.add_argument("--seed", type=SEED, default=0, help="seed of every draw (default 0); same seed, same samples")
     p.add_argument(
         "--length",
-        type=int,
+        type=LENGTH,
         help="content tokens per sample, framing excluded (default: one block, L - 2 when packed); beyond the "
         "block with --sampler semi-ar",
     )
-    p.add_argument("--stride", type=int, help="semi-ar: new tokens per block (default: half a block)")
+    p.add_argument("--stride", type=STRIDE, help="semi-ar: new tokens per block (default: half a block)")
     p.add_argument("--prefix", help="text the samples continue (kept exactly)")
     p.add_argument(
         "--infill",
@@ -177,13 +230,13 @@ def _add_sample(subparsers) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="atat",
         description="Train, evaluate and sample masked diffusion language models (MDLM) with adaptive "
         "time-aware token masking (ATAT).",
     )
     parser.add_argument("--version", action="version", version=f"mdlm-atat {__version__}")
-    subparsers = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+    subparsers = parser.add_subparsers(dest="verb", metavar="VERB", required=True, parser_class=Parser)
     _add_train(subparsers)
     _add_eval(subparsers)
     _add_prepare(subparsers)
@@ -194,13 +247,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from mdlm_atat.train.checkpoint import CheckpointError, has_checkpoint, load_resume_checkpoint
     from mdlm_atat.train.distributed import is_main_process, rank0_value
     from mdlm_atat.train.trainer import train
 
     run_dir = args.log_dir
     if args.resume and run_dir is None:
         raise ConfigError("--resume: name the run folder with --log-dir RUN_DIR")
-    resumable = run_dir is not None and has_checkpoint(run_dir)  # last.pt, or the last.prev.pt kept beside it
+    resumable = run_dir is not None and has_checkpoint(run_dir)  # last.pt, last.prev.pt or best.pt
     if args.resume and (resumable or args.config is None):
         # Continue with the run's saved config (plus any overrides): the same command relaunched after a
         # pre-emption picks up where the run stopped.
@@ -220,11 +274,20 @@ def run_train(args: argparse.Namespace) -> int:
         run_dir = run_dir or rank0_value(
             Path(cfg.logging.save_logs_dir) / f"{args.config.stem}-{time.strftime('%Y%m%d-%H%M%S')}", cfg.training.device
         )
-        summary = train(cfg, run_dir, resume=False, max_steps=args.max_steps)
+        # --resume on a folder without a checkpoint: the same command relaunched may start over a run that never
+        # saved one; without --resume, a folder holding a run is refused.
+        summary = train(cfg, run_dir, resume=False, max_steps=args.max_steps, restart=args.resume)
     if not is_main_process():  # under torchrun, rank 0 reports
         return 0
     val = summary["val"]
     lines = [f"done: step {summary['step']}, run folder {summary['run_dir']}"]
+    if summary["first_loss"] is None and val is None and not summary.get("stopped"):
+        # Nothing to do (a finished run relaunched): its figures as metrics.jsonl recorded them.
+        limit = ("training.total_steps", cfg.training.total_steps)
+        if summary["step"] < cfg.training.total_steps:
+            limit = ("--max-steps", args.max_steps)
+        lines[0] += f" (already at {limit[0]} ({limit[1]}): nothing to train; as recorded in metrics.jsonl:)"
+        summary, val = _recorded_figures(Path(summary["run_dir"]), summary)
     if summary.get("stopped"):  # SIGTERM / SIGINT: the step finished and last.pt was written (train/faults.py)
         lines = [
             f"stopped by {summary['stopped']} at step {summary['step']}; checkpoint written: "
@@ -236,19 +299,40 @@ def run_train(args: argparse.Namespace) -> int:
     if val is not None:
         # The AR baseline's validation number is its exact NLL, not a bound.
         name, relation = ("NLL", "=") if cfg.model.name == "ar" else ("NELBO", "<=")
+        at = f"step {val['step']}, " if "step" in val else ""
         lines.append(
             f"validation {name} {val['nelbo']:.4f} +- {val['stderr']:.4f} nats/token, PPL {relation} {val['ppl']:.2f} "
-            f"({val['num_tokens']} tokens, EMA weights)"
+            f"({at}{val['num_tokens']} tokens, EMA weights)"
         )
     print("\n".join(lines))
     return 0
+
+
+def _recorded_figures(run_dir: Path, summary: dict) -> tuple[dict, dict | None]:
+    """(summary with the first and last logged losses, the last validation) from the run's metrics.jsonl."""
+    from mdlm_atat.viz.report import ReportError, read_metrics
+
+    try:
+        records = read_metrics(run_dir)
+    except ReportError:
+        return summary, None
+    losses = records.series("train", "loss")[1]
+    if losses:
+        summary = {**summary, "first_loss": losses[0], "last_loss": losses[-1]}
+    vals = records.get("val")
+    if not vals:
+        return summary, None
+    last = vals[-1]
+    return summary, {"nelbo": last["val_nelbo"], "stderr": last["val_stderr"], "ppl": last["val_ppl"],
+                     "num_tokens": last["val_tokens"], "step": last["step"]}
 
 
 def run_eval(args: argparse.Namespace) -> int:
     from mdlm_atat.eval.run import evaluate_checkpoint, evaluate_datasets
 
     options = dict(split=args.split, num_t=args.num_t, batch_size=args.batch_size, max_batches=args.max_batches,
-                   seed=args.seed, use_ema=not args.no_ema, device=args.device)
+                   seed=args.seed, use_ema=not args.no_ema, device=args.device, progress=not args.no_progress,
+                   cache=not args.no_cache)
     if args.datasets is not None:
         if args.dataset is not None:
             raise ConfigError("--dataset and --datasets: give one (--datasets takes a comma-separated list)")
@@ -378,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides) + unknown
     try:
         return VERBS[args.verb](args)
-    except USER_ERRORS as err:
+    except user_errors() as err:
         print(f"atat {args.verb}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from mdlm_atat import __version__
 from mdlm_atat.config import Config, ConfigError, from_dict
 from mdlm_atat.data.tokenizers import Tokenizer
 from mdlm_atat.models import build_model, count_parameters
-from mdlm_atat.train.checkpoint import CheckpointError, is_export_dir, load_checkpoint, resolve_checkpoint
+from mdlm_atat.train.checkpoint import CheckpointError, is_export_dir, load_run_checkpoint, resolve_checkpoint
 
 FORMAT_VERSION = 1
 
@@ -54,10 +55,8 @@ def export_checkpoint(
     path = resolve_checkpoint(checkpoint)
     if is_export_dir(path):
         raise CheckpointError(f"{path}: already an exported folder; export a .pt checkpoint or a run folder")
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise CheckpointError(f"--out {out}: exists and is not empty; choose a new folder or pass --force")
-    payload = load_checkpoint(path)
+    out = _check_out(Path(out_dir), overwrite, path)
+    payload = load_run_checkpoint(path)
     cfg = from_dict(payload["config"])
     tokenizer = Tokenizer.from_json(payload["tokenizer"])
     weights_key = "ema" if use_ema and payload.get("ema") is not None else "model"
@@ -89,11 +88,56 @@ def export_checkpoint(
     ))
     evaluations = collect_evaluations(path, step, payload["config_hash"], eval_files or [], cfg)
     (tmp / "README.md").write_text(model_card(cfg, tokenizer, meta, num_parameters, evaluations, out.name))
+    for file in tmp.iterdir():  # safetensors writes 0600: an export is meant to be shared, as the umask allows
+        file.chmod(0o666 & ~_umask())
     if out.exists():
-        shutil.rmtree(out)
+        shutil.rmtree(out)  # a previous export (checked by _check_out), or an empty folder
     tmp.rename(out)  # the folder appears complete or not at all
-    return {"out": str(out), "step": step, "weights": meta["weights"], "evaluations": len(evaluations),
+    return {"out": str(out_dir), "step": step, "weights": meta["weights"], "evaluations": len(evaluations),
             "files": sorted(p.name for p in out.iterdir())}
+
+
+def is_previous_export(folder: Path) -> bool:
+    """Whether `folder` holds what `atat export` writes and nothing else of note: plain files only (a run folder
+    has checkpoints/), and a config.json with our format marker. Only such a folder may be replaced (--force)."""
+    try:
+        entries = list(folder.iterdir())
+        info = json.loads((folder / "config.json").read_text()).get("mdlm_atat")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(info, dict) and "format_version" in info and all(e.is_file() for e in entries)
+
+
+def _check_out(out: Path, overwrite: bool, checkpoint: Path) -> Path:
+    """The folder to write, resolved (`--out .` has no name to put a temporary folder beside). Refuses, in one
+    line, anything whose replacement could lose work: the current folder or one above it, the folder holding the
+    checkpoint, a file, or a non-empty folder that is not a previous export; a previous export only with --force."""
+    resolved = out.expanduser().resolve()
+    cwd = Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents:
+        raise CheckpointError(f"--out {out}: is the current folder or holds it; name a new folder, e.g. --out export")
+    if resolved == checkpoint.resolve() or resolved in checkpoint.resolve().parents:
+        raise CheckpointError(
+            f"--out {out}: holds the checkpoint being exported ({checkpoint}); name a new folder, e.g. --out "
+            f"{resolved.name}-export"
+        )
+    if resolved.exists() and not resolved.is_dir():
+        raise CheckpointError(f"--out {out}: is a file, not a folder; name a new folder")
+    if resolved.is_dir() and any(resolved.iterdir()):
+        if not is_previous_export(resolved):
+            raise CheckpointError(
+                f"--out {out}: holds files that are not an atat export (--force replaces a previous export only); "
+                "name a new folder"
+            )
+        if not overwrite:
+            raise CheckpointError(f"--out {out}: holds a previous export; pass --force to replace it")
+    return resolved
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _plain(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -197,6 +241,7 @@ def model_card(cfg: Config, tokenizer: Tokenizer, meta: dict, num_parameters: in
     lines = [
         "---",
         "library_name: mdlm-atat",
+        "tags: [autoregressive, causal-lm, text-generation]" if is_ar else
         "tags: [masked-diffusion, mdlm, atat, text-generation]",
         "---",
         "",
@@ -222,7 +267,7 @@ def model_card(cfg: Config, tokenizer: Tokenizer, meta: dict, num_parameters: in
             "MDLM's NELBO under uniform masking (an upper bound on the NLL; PPL = exp(NELBO) bounds perplexity)."
             if not is_ar else "Exact NLL (autoregressive).",
             "",
-            "| dataset | split | NELBO (nats/token) | PPL | tokens | step | source |",
+            f"| dataset | split | {'NLL' if is_ar else 'NELBO'} (nats/token) | PPL | tokens | step | source |",
             "| --- | --- | --- | --- | --- | --- | --- |",
         ]
         for e in evaluations:

@@ -18,25 +18,32 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from mdlm_atat.config import ConfigError
 from mdlm_atat.data.tokenizers import Tokenizer
-from mdlm_atat.diffusion.samplers import AR_SAMPLERS, DIFFUSION_SAMPLERS, count_steps, generate
+from mdlm_atat.diffusion.samplers import AR_SAMPLERS, DIFFUSION_SAMPLERS, RowGenerators, count_steps, generate
 from mdlm_atat.diffusion.schedule import build_schedule
 from mdlm_atat.eval.generation import load_reference, sample_quality
 from mdlm_atat.eval.run import load_for_inference
+from mdlm_atat.progress import progress_bar
 from mdlm_atat.runtime import autocast_for, precision_name, resolve_device
 from mdlm_atat.train.checkpoint import resolve_checkpoint
 from mdlm_atat.viz.trace import write_trace_html
 
 GAP = re.compile(r"\[MASK(?::(\d+))?\]")
+NEAR_GAP = re.compile(r"\[\s*mask\b[^\]]*\]?", re.IGNORECASE)  # [mask:2], [MASK: 3], [MASK:abc], [MASK:4
 TRACE_SAMPLES = 4  # samples of the first batch shown on the --trace page
 ORDERS = ("confidence", "easy-first")  # how the confidence sampler picks positions
 
 
 def parse_template(tokenizer: Tokenizer, template: str) -> list[int]:
     """Ids of an infill template, with tokenizer.mask_id at every gap position."""
+    for near in NEAR_GAP.finditer(template):
+        if not GAP.fullmatch(near.group(0)):  # a typo would otherwise stay in the text as it is
+            raise ConfigError(
+                f"--infill: {near.group(0)!r} is not a gap; write [MASK] (one token) or [MASK:N] (N tokens, e.g. "
+                "[MASK:3]), in capitals, without spaces"
+            )
     ids: list[int] = []
     last = 0
     for match in GAP.finditer(template):
@@ -135,7 +142,7 @@ def sample_checkpoint(
             f"--length {len(content)}: beyond the block ({window} content tokens in L = {cfg.data.max_length}); "
             "use --sampler semi-ar"
         )
-    stride = stride or max(1, window // 2)
+    stride = max(1, window // 2) if stride is None else stride
     if not 1 <= stride <= window:
         raise ConfigError(f"--stride: must be in [1, {window}] (new tokens per window), got {stride}")
     time_conditioned = bool(getattr(model, "time_conditioning", False))
@@ -155,7 +162,6 @@ def sample_checkpoint(
             notes.append("the estimator's importance_mode is none: every position rates the same (left to right)")
     schedule = build_schedule(cfg.diffusion.schedule, cfg.diffusion.eps)  # the schedule the model was trained with
     autocast = autocast_for(torch_device, cfg.training.mixed_precision)
-    generator = torch.Generator(device=torch_device).manual_seed(seed)
     canvas_row = torch.tensor(content, dtype=torch.long, device=torch_device)
     batch_sizes = [min(batch_size, num_samples - i) for i in range(0, num_samples, batch_size)]
     steps_per_batch = count_steps(sampler, canvas_row[None], tokenizer.mask_id, num_steps, window, stride)
@@ -165,9 +171,11 @@ def sample_checkpoint(
     num_calls = num_evals = steps_taken = 0
     cache_used = False
     start = time.perf_counter()
-    with tqdm(total=steps_per_batch * len(batch_sizes), desc=f"sample ({sampler})", unit="step",
+    with progress_bar(total=steps_per_batch * len(batch_sizes), desc=f"sample ({sampler})", unit="step",
               disable=not progress, dynamic_ncols=True, mininterval=0.5) as bar:
-        for b in batch_sizes:
+        for first, b in zip(range(0, num_samples, batch_size), batch_sizes):
+            # Sample i draws from its own stream, seeded by (seed, i): the same whatever --num-samples says.
+            generator = RowGenerators.for_samples(seed, range(first, first + b), torch_device)
             out = generate(
                 model, canvas_row.expand(b, -1).clone(), sampler=sampler, num_steps=num_steps, schedule=schedule,
                 mask_id=tokenizer.mask_id, head=head, tail=tail, window=window, stride=stride,
@@ -189,6 +197,10 @@ def sample_checkpoint(
         torch.cuda.synchronize(torch_device)
     seconds = time.perf_counter() - start
     texts = [content_text(tokenizer, ids, cfg.data.framing) for ids in token_rows]
+    if cfg.data.framing == "packed" and any(tokenizer.eos_id in ids for ids in token_rows):
+        eos = tokenizer.decode([tokenizer.eos_id])
+        notes.append(f"{eos} inside a sample is EOS: training blocks are documents packed end to end, each ended by "
+                     f"EOS, so the model learned to end one document and begin another within a block")
 
     num_given = sum(i != tokenizer.mask_id for i in content)
     summary: dict[str, Any] = {

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mdlm_atat.config import DataConfig
-from mdlm_atat.data.sources import DataError, EmptySplitError, iter_documents, open_source
+from mdlm_atat.data.sources import DataError, EmptySplitError, iter_documents, open_source, with_split_fix
 from mdlm_atat.data.store import TokenStore, prepare_split
 from mdlm_atat.data.tokenizers import build_tokenizer
 
@@ -61,6 +61,7 @@ def prepare_datasets(
             try:
                 store = prepare_split(dcfg, tokenizer, split, progress=progress)
             except EmptySplitError as err:
+                err = with_split_fix(err, "pass --splits with them")
                 echo(f"  {split:<{width}}  skipped: {err}")
                 skipped.append(f"{split}: {err}")
                 continue

@@ -43,6 +43,15 @@ class EmptySplitError(DataError):
     """A split with no usable document: the source has no such split, or everything in it was skipped."""
 
 
+# How a split the source lacks is fixed in a config; a verb that takes the split another way says its own fix.
+SPLIT_FIX = "set data.train_split / data.val_split / data.test_split to one of them"
+
+
+def with_split_fix(err: DataError, fix: str) -> DataError:
+    """`err` with `fix` (e.g. "pass --split with one of them") instead of the config keys, same class."""
+    return type(err)(str(err).replace(SPLIT_FIX, fix))
+
+
 STDLIB_DOCS = "stdlib-docs"
 SPLITS = ("train", "validation", "test")
 _SPLIT_ALIASES = {"train": "train", "validation": "validation", "valid": "validation", "val": "validation",
@@ -67,9 +76,8 @@ def hash_split(doc_id: str) -> str:
 def _canonical_split(split: str) -> str:
     name = _SPLIT_ALIASES.get(split.lower())
     if name is None:
-        raise DataError(
-            f"split {split!r}: this source has the splits {', '.join(SPLITS)}; "
-            "set data.train_split / data.val_split / data.test_split to one of them"
+        raise EmptySplitError(
+            f"split {split!r}: this source has the splits {', '.join(SPLITS)}; {SPLIT_FIX}"
         )
     return name
 
@@ -656,8 +664,7 @@ class HFSource(Source):
         theirs = self.spec.splits.get(ours) if self.spec.splits else split
         if theirs is None:
             raise EmptySplitError(
-                f"split {split!r}: {self.key} has no such split (it has {', '.join(self.spec.splits)}); set "
-                "data.train_split / data.val_split / data.test_split accordingly"
+                f"split {split!r}: {self.key} has no such split (it has {', '.join(self.spec.splits)}); {SPLIT_FIX}"
             )
         return ours, theirs
 

@@ -33,11 +33,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from mdlm_atat.config import DataConfig
 from mdlm_atat.data.sources import DataError, EmptySplitError, InputReport, Source, open_source
 from mdlm_atat.data.tokenizers import Tokenizer
+from mdlm_atat.progress import progress_bar
 
 STORE_VERSION = 2  # bump when the layout or the framing code changes, so old stores are rebuilt
 FRAMINGS = ("packed", "padded")
@@ -284,7 +284,7 @@ def prepare_split(cfg: DataConfig, tokenizer: Tokenizer, split: str, progress: b
     # Temporary names carry the pid: concurrent ranks preparing the same store never write the same file, and a
     # leftover from an interrupted run is never mistaken for a store (only manifest.json marks one finished).
     tmp_bin = folder / f"{file_name}.tmp-{os.getpid()}"
-    bar = tqdm(desc=f"tokenizing {split}", unit="tok", unit_scale=True, disable=not progress, leave=False)
+    bar = progress_bar(desc=f"tokenizing {split}", unit="tok", unit_scale=True, disable=not progress, leave=False)
     try:
         with open(tmp_bin, "wb") as f, bar:
             for segments in encode_documents(tokenizer, source.documents(split, report), report):
@@ -318,7 +318,8 @@ def prepare_split(cfg: DataConfig, tokenizer: Tokenizer, split: str, progress: b
         "dataset_name": cfg.dataset_name,
         "split": split,
         "dtype": dtype.name,
-        "num_tokens": tokenizer.num_tokens,
+        "num_ids": tokenizer.num_tokens,  # the ids a block may hold: the vocabulary plus an appended MASK / PAD
+        "num_block_tokens": num_blocks * cfg.max_length,  # tokens stored, framing and padding included
         "bos_id": tokenizer.bos_id,
         "eos_id": tokenizer.eos_id,
         "mask_id": tokenizer.mask_id,

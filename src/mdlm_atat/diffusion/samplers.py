@@ -113,12 +113,51 @@ class Network:
             return self.model.project(selected)
 
 
+class RowGenerators:
+    """One random stream per sequence of the batch: every draw for row b comes from `generators[b]`, so a sample
+    depends on its own seed alone, not on which other samples share its batch (`atat sample --num-samples 2`
+    gives the first two samples of `--num-samples 4`). The samplers take it wherever they take a generator."""
+
+    def __init__(self, generators: list[torch.Generator]) -> None:
+        self.generators = generators
+
+    @classmethod
+    def for_samples(cls, seed: int, indices: Sequence[int], device: torch.device | str) -> RowGenerators:
+        """Sample i's stream is seeded from (seed, i) (numpy's SeedSequence: no two pairs share a stream)."""
+        import numpy as np
+
+        seeds = [int(np.random.SeedSequence([seed, i]).generate_state(1, np.uint64)[0]) for i in indices]
+        return cls([torch.Generator(device=device).manual_seed(s) for s in seeds])
+
+    def __len__(self) -> int:
+        return len(self.generators)
+
+
+Generator = torch.Generator | RowGenerators | None
+
+
+def uniform(shape: tuple[int, int], generator: Generator, device: torch.device) -> torch.Tensor:
+    """U[0, 1) draws of `shape` (B, L) in float64, row b from generator b with RowGenerators."""
+    if isinstance(generator, RowGenerators):
+        return torch.stack([torch.rand(shape[1:], generator=g, device=device, dtype=torch.float64)
+                            for g in generator.generators])
+    return torch.rand(shape, generator=generator, device=device, dtype=torch.float64)
+
+
 def gumbel_argmax(
-    logits: torch.Tensor, mask_id: int, generator: torch.Generator | None, rows_per_chunk: int = 2048
+    logits: torch.Tensor, mask_id: int, generator: Generator, rows_per_chunk: int = 2048,
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One categorical draw per row of logits (M, V), Gumbel-max in float64; MASK is excluded. -> (M,) long.
 
-    Chunked over rows so that the float64 noise stays at most rows_per_chunk x V (0.8 GB for GPT-2's V)."""
+    With RowGenerators, `rows` (M,) names the sequence each logits row belongs to (ascending, as boolean indexing
+    of a (B, L) canvas gives them) and its noise comes from that sequence's stream. Chunked over rows so that the
+    float64 noise stays at most rows_per_chunk x V (0.8 GB for GPT-2's V)."""
+    if isinstance(generator, RowGenerators):
+        counts = torch.bincount(rows, minlength=len(generator)).tolist()
+        pieces = logits.split(counts)
+        return torch.cat([gumbel_argmax(piece, mask_id, g, rows_per_chunk)
+                          for piece, g in zip(pieces, generator.generators)])
     out = []
     for chunk in logits.split(rows_per_chunk):
         chunk = chunk.to(torch.float64, copy=True)
@@ -162,7 +201,7 @@ def ancestral(
     schedule: MaskingSchedule,
     mask_id: int,
     num_steps: int,
-    generator: torch.Generator | None = None,
+    generator: Generator = None,
     cache: bool = False,
     step_offset: int = 0,
     on_step: StepCallback | None = None,
@@ -176,13 +215,13 @@ def ancestral(
         noise = _noise(schedule, t, B, x.device)
         # p(still masked at s | masked at t) = mask_prob(s) / mask_prob(t): s / t for the log-linear schedule.
         p_unmask = 1.0 - _mask_prob(schedule, s) / _mask_prob(schedule, t)
-        u = torch.rand(x.shape, generator=generator, device=x.device, dtype=torch.float64)  # (B, L)
+        u = uniform(x.shape, generator, x.device)  # (B, L)
         unmask = (x == mask_id) & (u < p_unmask)  # (B, L)
         decoding = bool(unmask.any())
         if decoding or not cache:  # without the cache, MDLM's ddpm_update: one call per step, whatever it decodes
             logits = network.logits(x, noise, unmask)
         if decoding:
-            x[unmask] = gumbel_argmax(logits, mask_id, generator)
+            x[unmask] = gumbel_argmax(logits, mask_id, generator, rows=unmask.nonzero()[:, 0])
             decode_step[unmask] = step_offset + k
     return x, decode_step
 
@@ -221,7 +260,7 @@ def confidence(
     schedule: MaskingSchedule,
     mask_id: int,
     num_steps: int,
-    generator: torch.Generator | None = None,
+    generator: Generator = None,
     cache: bool = False,
     step_offset: int = 0,
     on_step: StepCallback | None = None,
@@ -253,7 +292,7 @@ def confidence(
             order = torch.sort(score, dim=-1, descending=True, stable=True).indices  # (B, L): most confident first
             rank = torch.empty_like(order).scatter_(1, order, positions)  # (B, L): each position's rank
             chosen = masked & (rank < count[:, None])
-            x[chosen] = gumbel_argmax(logits[chosen[candidates]], mask_id, generator)
+            x[chosen] = gumbel_argmax(logits[chosen[candidates]], mask_id, generator, rows=chosen.nonzero()[:, 0])
             decode_step[chosen] = step_offset + k
     return x, decode_step
 
@@ -264,7 +303,7 @@ def autoregressive(
     x: torch.Tensor,
     *,
     mask_id: int,
-    generator: torch.Generator | None = None,
+    generator: Generator = None,
     step_offset: int = 0,
     on_step: StepCallback | None = None,
     progress: Any = None,
@@ -283,7 +322,8 @@ def autoregressive(
             continue
         last = torch.zeros((B, i), dtype=torch.bool, device=x.device)
         last[:, -1] = need  # p(x_i | x_<i) is read at position i - 1
-        x[need, i] = gumbel_argmax(network.logits(x[:, :i], torch.zeros(B, device=x.device), last), mask_id, generator)
+        logits = network.logits(x[:, :i], torch.zeros(B, device=x.device), last)  # (rows in need, V)
+        x[need, i] = gumbel_argmax(logits, mask_id, generator, rows=need.nonzero()[:, 0])
         decode_step[need, i] = step
         if on_step is not None:
             on_step(step, x)
@@ -323,7 +363,7 @@ def generate(
     tail: Sequence[int] = (),
     window: int | None = None,
     stride: int | None = None,
-    generator: torch.Generator | None = None,
+    generator: Generator = None,
     autocast: contextlib.AbstractContextManager | None = None,
     on_step: StepCallback | None = None,
     progress: Any = None,

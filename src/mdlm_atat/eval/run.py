@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -10,12 +13,14 @@ import torch
 
 from mdlm_atat.config import Config, ConfigError, from_dict
 from mdlm_atat.data.loader import eval_batches
+from mdlm_atat.data.sources import DataError, with_split_fix
 from mdlm_atat.data.store import prepare_split
 from mdlm_atat.data.tokenizers import Tokenizer
 from mdlm_atat.eval.likelihood import evaluate_bound
 from mdlm_atat.models import build_model
+from mdlm_atat.progress import progress_bar
 from mdlm_atat.runtime import autocast_for, precision_name, resolve_device
-from mdlm_atat.train.checkpoint import is_export_dir, load_checkpoint, resolve_checkpoint
+from mdlm_atat.train.checkpoint import is_export_dir, load_run_checkpoint, resolve_checkpoint
 from mdlm_atat.train.trainer import build_estimator, make_objective
 
 
@@ -35,7 +40,7 @@ def load_for_inference(
             file = Path(checkpoint) / "estimator.safetensors"
             meta["estimator"] = _estimator(cfg, tokenizer, load_file(str(file)) if file.is_file() else None, device)
         return model, cfg, tokenizer, meta
-    payload = load_checkpoint(checkpoint)
+    payload = load_run_checkpoint(checkpoint)
     cfg = from_dict(payload["config"])
     tokenizer = Tokenizer.from_json(payload["tokenizer"])
     model = build_model(cfg.model, tokenizer.num_tokens)
@@ -72,12 +77,16 @@ def evaluate_checkpoint(
     seed: int = 0,
     use_ema: bool = True,
     device: str = "auto",
+    progress: bool = True,
+    cache: bool = True,
 ) -> dict[str, Any]:
     """The NELBO bound (DESIGN 3.5) of a checkpoint on one dataset split, as a JSON-ready dict."""
+    _check_counts(num_t, batch_size, max_batches)
     path = resolve_checkpoint(checkpoint)
     torch_device = resolve_device(device)
     loaded = load_for_inference(path, use_ema=use_ema, device=torch_device)
-    return _evaluate_loaded(loaded, path, torch_device, dataset, split, num_t, batch_size, max_batches, seed)
+    return _evaluate_loaded(loaded, path, torch_device, dataset, split, num_t, batch_size, max_batches, seed,
+                            progress, cache=cache)
 
 
 def split_dataset_entry(entry: str) -> tuple[str, str | None]:
@@ -98,6 +107,8 @@ def evaluate_datasets(
     seed: int = 0,
     use_ema: bool = True,
     device: str = "auto",
+    progress: bool = True,
+    cache: bool = True,
 ) -> dict[str, dict[str, Any]]:
     """`evaluate_checkpoint` on several datasets with one load of the model: {entry: result}, in the given order.
 
@@ -106,16 +117,27 @@ def evaluate_datasets(
         raise ConfigError("--datasets: name at least one dataset, e.g. --datasets stdlib-docs,../shared/corpora/brown.jsonl")
     if len(set(datasets)) != len(datasets):
         raise ConfigError(f"--datasets: {','.join(datasets)} names a dataset twice")
+    _check_counts(num_t, batch_size, max_batches)
     path = resolve_checkpoint(checkpoint)
     torch_device = resolve_device(device)
     loaded = load_for_inference(path, use_ema=use_ema, device=torch_device)
     results = {}
-    for entry in datasets:
+    for i, entry in enumerate(datasets):
         name, entry_split = split_dataset_entry(entry)
         results[entry] = _evaluate_loaded(
-            loaded, path, torch_device, name, entry_split or split, num_t, batch_size, max_batches, seed
+            loaded, path, torch_device, name, entry_split or split, num_t, batch_size, max_batches, seed, progress,
+            position=f" [{i + 1}/{len(datasets)}]", cache=cache,
         )
     return results
+
+
+def _check_counts(num_t: int | None, batch_size: int | None, max_batches: int) -> None:
+    """None takes the config's value; 0 or less is an error (it never silently means the default)."""
+    for flag, value in (("--num-t", num_t), ("--batch-size", batch_size)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag}: must be >= 1, got {value}")
+    if max_batches < 0:
+        raise ConfigError(f"--max-batches: must be >= 0 (0 = all), got {max_batches}")
 
 
 def _evaluate_loaded(
@@ -128,24 +150,39 @@ def _evaluate_loaded(
     batch_size: int | None,
     max_batches: int,
     seed: int,
+    progress: bool = True,
+    position: str = "",
+    cache: bool = True,
 ) -> dict[str, Any]:
     model, cfg, tokenizer, meta = loaded
     data_cfg = cfg.data if dataset is None else dataclasses.replace(cfg.data, dataset_name=dataset)
     split = split or data_cfg.val_split
-    store = prepare_split(data_cfg, tokenizer, split)
-    batch_size = batch_size or data_cfg.batch_size
-    num_t = num_t or cfg.diffusion.eval_num_t
+    batch_size = data_cfg.batch_size if batch_size is None else batch_size
+    num_t = cfg.diffusion.eval_num_t if num_t is None else num_t
     is_ar = cfg.model.name == "ar"
-    result = evaluate_bound(
-        model,
-        make_objective(cfg, tokenizer),
-        eval_batches(store.blocks, batch_size, max_batches=max_batches),
-        num_t=num_t,
-        seed=seed,
-        device=torch_device,
-        autocast=autocast_for(torch_device, cfg.training.mixed_precision),
-        pad_id=tokenizer.pad_id if data_cfg.framing == "padded" else None,
-    )
+    with contextlib.ExitStack() as stack:
+        if not cache:  # --no-cache: the tokenized copy lives in a temporary folder, removed once scored
+            temporary = stack.enter_context(tempfile.TemporaryDirectory(prefix="atat-eval-"))
+            data_cfg = dataclasses.replace(data_cfg, cache_dir=temporary)
+        try:
+            store = prepare_split(data_cfg, tokenizer, split, progress=progress)
+        except DataError as err:  # atat eval takes the split as --split (or NAME:SPLIT), not as a config key
+            raise with_split_fix(err, "pass --split (or NAME:SPLIT in --datasets) with one of them") from None
+        num_batches = min(-(-len(store.blocks) // batch_size), max_batches or math.inf)
+        result = evaluate_bound(
+            model,
+            make_objective(cfg, tokenizer),
+            progress_bar(  # on a terminal: one bar per dataset, batch by batch
+                eval_batches(store.blocks, batch_size, max_batches=max_batches), total=num_batches, unit="batch",
+                desc=f"eval{position} {data_cfg.dataset_name}:{split}", disable=not progress, dynamic_ncols=True,
+                mininterval=1.0,
+            ),
+            num_t=num_t,
+            seed=seed,
+            device=torch_device,
+            autocast=autocast_for(torch_device, cfg.training.mixed_precision),
+            pad_id=tokenizer.pad_id if data_cfg.framing == "padded" else None,
+        )
     L = data_cfg.max_length
     return {
         **result.to_dict(),

@@ -41,7 +41,7 @@ class MetricsLog:
     def write(self, record: dict[str, Any], console: bool = True) -> None:
         self._file.write(json.dumps({**record, "time": round(time.time(), 3)}) + "\n")
         if console:
-            tqdm.write(format_record(record))
+            tqdm.write(console_line(record))
         for sink in list(self.sinks):
             try:
                 sink.write(record)
@@ -72,6 +72,35 @@ def format_record(record: dict[str, Any]) -> str:
         else:
             parts.append(f"{key}={value}")
     return " ".join(parts)
+
+
+def console_line(record: dict[str, Any]) -> str:
+    """The console's short form of a record (about 100 characters; metrics.jsonl keeps every number): train and
+    validation lines name the numbers a person watches, other events are shown whole without their tables."""
+    r, event = record, record.get("event")
+    if event == "train":
+        line = (f"step {r['step']:>6}  loss {_num(r.get('loss'), '.4f')}  lr {_num(r.get('lr'), '.2e')}  "
+                f"grad {_num(r.get('grad_norm'), '.3f')}  {_num(r.get('tokens_per_s'), ',.0f')} tok/s")
+        if "stage" in r:  # ATAT: the curriculum and what the masks did
+            line += (f"  | {r['stage']} beta {_num(r.get('beta'), '+.2f')} mask {_num(r.get('mask_rate'), '.3f')}"
+                     f"/{_num(r.get('mask_rate_expected'), '.3f')} est {_num(r.get('estimator_loss'), '.3f')}")
+        if r.get("nonfinite_steps"):
+            line += f"  nonfinite {r['nonfinite_steps']}"
+        return line
+    if event == "val":
+        best = "  (best)" if r.get("best") else ""
+        return (f"step {r['step']:>6}  validation {_num(r.get('val_nelbo'), '.4f')} +- "
+                f"{_num(r.get('val_stderr'), '.4f')} nats/token, PPL {_num(r.get('val_ppl'), ',.2f')} ({r.get('val_tokens', 0):,} tokens){best}")
+    if event == "atat_val":
+        return (f"step {r['step']:>6}  estimator Spearman {_num(r.get('spearman_estimator'), '.3f')} vs unigram "
+                f"{_num(r.get('spearman_frequency_baseline'), '.3f')}")
+    return format_record({k: v for k, v in record.items() if not isinstance(v, (list, dict))})
+
+
+def _num(value: Any, spec: str) -> str:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return "n/a"
+    return "nan" if value != value else format(value, spec)
 
 
 def note(message: str) -> None:

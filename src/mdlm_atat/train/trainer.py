@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,7 +22,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from mdlm_atat.config import Config, ConfigError, advisories
 from mdlm_atat.data.loader import attention_mask, eval_batches, train_batches
@@ -34,6 +34,7 @@ from mdlm_atat.eval.likelihood import BoundResult, evaluate_bound
 from mdlm_atat.models import build_model, count_parameters
 from mdlm_atat.models.importance import ImportanceEstimator, unigram_surprisal
 from mdlm_atat.pipeline import build_run_data
+from mdlm_atat.progress import progress_bar
 from mdlm_atat.runtime import autocast_for, precision_name
 from mdlm_atat.train import distributed
 from mdlm_atat.train.checkpoint import (
@@ -42,6 +43,7 @@ from mdlm_atat.train.checkpoint import (
 from mdlm_atat.train.faults import GracefulStop, NonFiniteGuard, check_writable
 from mdlm_atat.train.metrics import MetricsLog, build_sinks, note
 from mdlm_atat.train.optim import build_ema, build_optimizer, build_scheduler
+from mdlm_atat.train.rundir import RunLock, check_new_run_dir, check_resume_config, trim_metrics
 
 
 @dataclass
@@ -51,6 +53,10 @@ class TrainState:
     best_val_nelbo: float = math.inf
     nonfinite_steps: int = 0  # updates skipped for a NaN/inf loss or gradient (train/faults.py)
     nonfinite_in_a_row: int = 0
+    # The log window in progress (what the next logged loss averages): saved, so a run resumed mid-window logs
+    # the numbers the uninterrupted run logs. The sum is the mean over ranks (float32, stored exactly).
+    log_loss_sum: float = 0.0
+    log_applied_steps: int = 0
 
 
 def seed_everything(seed: int) -> None:
@@ -71,6 +77,13 @@ def make_objective(cfg: Config, tokenizer: Tokenizer) -> MaskedDiffusionObjectiv
     )
 
 
+def method_name(cfg: Config) -> str:
+    """What the run trains, as metrics.jsonl, the report and the console name it."""
+    if cfg.model.name == "ar":
+        return "ar (autoregressive baseline: causal DiT, next-token loss)"
+    return f"atat ({cfg.atat.importance_mode}, {cfg.atat.masking})" if cfg.atat.enabled else "mdlm"
+
+
 def build_estimator(cfg: Config, num_tokens: int, unigram_counts) -> ImportanceEstimator | None:
     """ATAT's importance estimator with the training split's unigram surprisal, or None for the MDLM baseline."""
     if not cfg.atat.enabled:
@@ -79,17 +92,21 @@ def build_estimator(cfg: Config, num_tokens: int, unigram_counts) -> ImportanceE
     return ImportanceEstimator(cfg.atat, num_tokens, surprisal)
 
 
-def train(cfg: Config, run_dir: Path, resume: bool = False, max_steps: int | None = None) -> dict[str, Any]:
+def train(
+    cfg: Config, run_dir: Path, resume: bool = False, max_steps: int | None = None, restart: bool = False
+) -> dict[str, Any]:
     """Train from scratch into `run_dir`, or continue the run saved there. Returns a summary of the run.
 
     `max_steps` stops this invocation at that global step without changing the LR schedule or the curriculum,
-    which follow `training.total_steps`. Under torchrun every process calls this: it joins the process group,
+    which follow `training.total_steps`. A new run needs a folder without another run's files; `restart` lets it
+    start over a run that never saved a checkpoint (`--resume --config` relaunched). One process trains in a
+    folder at a time (train/rundir.py). Under torchrun every process calls this: it joins the process group,
     trains its share of each global batch and leaves the group (train/distributed.py, docs/distributed.md).
     """
     dist_env = distributed.init_distributed(cfg.training.device)
     finished = False
     try:
-        summary = _train(cfg, Path(run_dir), resume, max_steps, dist_env)
+        summary = _train(cfg, Path(run_dir), resume, max_steps, dist_env, restart)
         finished = True
         return summary
     finally:
@@ -97,17 +114,58 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, max_steps: int | Non
 
 
 def _train(
-    cfg: Config, run_dir: Path, resume: bool, max_steps: int | None, dist_env: distributed.DistEnv
+    cfg: Config, run_dir: Path, resume: bool, max_steps: int | None, dist_env: distributed.DistEnv, restart: bool
 ) -> dict[str, Any]:
-    last_path = checkpoint_dir(run_dir) / "last.pt"
-    payload = None
-    if resume:
-        payload, _ = load_resume_checkpoint(run_dir)  # last.pt, or last.prev.pt when last.pt is unreadable
-    elif has_checkpoint(run_dir):
+    locks: list[RunLock | None] = []  # the run folder's lock once taken (rank 0 holds it; None elsewhere)
+    try:
+        return _train_locked(cfg, run_dir, resume, max_steps, dist_env, restart, locks)
+    finally:
+        for lock in locks:
+            if lock is not None:
+                lock.release()
+
+
+def _lock(run_dir: Path, dist_env: distributed.DistEnv, cfg: Config, resume: bool, restart: bool) -> RunLock | None:
+    """Rank 0 takes the run folder's lock and, holding it, checks what the folder holds (_check_folder); every
+    rank raises the same RunDirError when either fails."""
+    lock, error = None, None
+    if dist_env.is_main:
+        try:
+            lock = RunLock.acquire(run_dir)
+            _check_folder(run_dir, resume, restart)
+        except RunDirError as err:
+            error = str(err)
+    error = distributed.rank0_value(error, cfg.training.device)
+    if error is not None:
+        if lock is not None:
+            lock.release()
+        raise RunDirError(error)
+    return lock
+
+
+def _check_folder(run_dir: Path, resume: bool, restart: bool) -> None:
+    if has_checkpoint(run_dir) and not resume:
         raise RunDirError(
             f"{run_dir}: this run folder already holds checkpoints; add --resume to continue it, "
             "or choose another --log-dir"
         )
+    if not resume and not restart:
+        check_new_run_dir(run_dir)
+
+
+def _train_locked(
+    cfg: Config, run_dir: Path, resume: bool, max_steps: int | None, dist_env: distributed.DistEnv, restart: bool,
+    locks: list[RunLock | None],
+) -> dict[str, Any]:
+    last_path = checkpoint_dir(run_dir) / "last.pt"
+    payload = None
+    if run_dir.is_dir():  # a folder that exists is locked before anything is read from it
+        locks.append(_lock(run_dir, dist_env, cfg, resume, restart))
+    else:
+        _check_folder(run_dir, resume, restart)  # --resume on a folder that is not there
+    if resume:
+        payload, resumed_from = load_resume_checkpoint(run_dir)  # last.pt, or an older one when it is unreadable
+        check_resume_config(payload["config"], cfg, resumed_from)  # before anything is written
     tc = cfg.training
     seed_everything(tc.seed)  # the same seed on every rank: the modules are built equal
     device = dist_env.device
@@ -119,10 +177,14 @@ def _train(
     data = distributed.rank0_first(dist_env, lambda: build_run_data(cfg.data, tokenizer=saved_tokenizer))
     _check_vocab(cfg, data.tokenizer)
     check_writable(run_dir, "--log-dir")  # only once the data is there: a failed start leaves no folder
+    if not locks:  # a new folder: locked once made, and checked again (another command may have started there)
+        locks.append(_lock(run_dir, dist_env, cfg, resume, restart))
     if dist_env.is_main:
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
 
     model = build_model(cfg.model, data.tokenizer.num_tokens).to(device)
+    if dist_env.is_main:
+        _note_cpu_cost(model, device, cfg)
     objective = make_objective(cfg, data.tokenizer)
     estimator = build_estimator(cfg, data.tokenizer.num_tokens, data.train.unigram_counts)
     if estimator is not None:
@@ -163,6 +225,13 @@ def _train(
         data.train_blocks, batch_size, seed=tc.seed, start_sample=state.samples_seen, rank=dist_env.rank,
         world_size=dist_env.world_size, num_workers=cfg.data.num_workers,
     )
+    if dist_env.is_main and payload is not None:  # steps after the checkpoint are run again, to the same numbers
+        dropped = trim_metrics(run_dir / "metrics.jsonl", state.step)
+        if dropped:
+            print(f"note: {run_dir / 'metrics.jsonl'}: {dropped} records after step {state.step} (the checkpoint) "
+                  "removed; those steps run again", file=sys.stderr)
+    elif dist_env.is_main and restart:  # a run that never saved a checkpoint starts over
+        trim_metrics(run_dir / "metrics.jsonl", 0)
     metrics = (  # rank 0 logs: the file, the console and the sinks (TensorBoard, W&B)
         MetricsLog(run_dir / "metrics.jsonl", build_sinks(cfg, run_dir)) if dist_env.is_main
         else distributed.SilentLog()
@@ -177,7 +246,7 @@ def _train(
             "device": str(device),
             "precision": precision_name(device, tc.mixed_precision),
             "parameters": count_parameters(model),
-            "method": "mdlm" if atat is None else f"atat ({cfg.atat.importance_mode}, {cfg.atat.masking})",
+            "method": method_name(cfg),
             "estimator_parameters": count_parameters(estimator) if estimator is not None else 0,
             "vocab_size": data.tokenizer.vocab_size,
             "train_blocks": len(data.train_blocks),
@@ -193,6 +262,8 @@ def _train(
     )
 
     def checkpoint_payload() -> dict[str, Any]:
+        state.log_loss_sum = distributed.mean_over_ranks(loss_sum.clone(), dist_env).item()  # a collective
+        state.log_applied_steps = applied_since_log
         return {
             "format_version": 1,
             "config": cfg.to_dict(),
@@ -277,10 +348,10 @@ def _train(
 
     first_loss = last_loss = None
     val_result = None
-    loss_sum = torch.zeros((), device=device)  # summed on device: no host sync inside the step
+    loss_sum = torch.full((), state.log_loss_sum, device=device)  # summed on device: no host sync inside the step
     steps_since_log = 0
     log_clock = time.perf_counter()
-    progress = tqdm(
+    progress = progress_bar(
         total=end_step, initial=state.step, desc="train", unit="step", dynamic_ncols=True, mininterval=1.0,
         disable=not dist_env.is_main,
     )
@@ -288,7 +359,7 @@ def _train(
     guard = NonFiniteGuard(tc.max_nonfinite_steps, metrics, last_path)
     stop = GracefulStop().install()  # SIGTERM / SIGINT: finish the step, save, return (train/faults.py)
     stopped = None
-    applied_since_log = 0  # steps whose update was applied: the logged loss averages over those
+    applied_since_log = state.log_applied_steps  # steps whose update was applied: the logged loss averages those
     model.train()
     try:
         while state.step < end_step:
@@ -298,7 +369,8 @@ def _train(
             t_all, noise_all = distributed.step_draws(
                 objective, tc.seed, state.step, global_batch, cfg.data.max_length, device, draw_generator
             )  # (global_batch,), (global_batch, L)
-            log_now = (state.step + 1) % tc.log_every_n_steps == 0 or state.step == 0 or state.step + 1 == end_step
+            regular_log = (state.step + 1) % tc.log_every_n_steps == 0 or state.step == 0
+            log_now = regular_log or state.step + 1 == end_step
             step_loss = torch.zeros((), device=device)  # denoiser + estimator: what the guard checks
             step_nelbo = torch.zeros((), device=device)  # the denoiser's alone: what is logged
             for micro in range(accum):
@@ -345,7 +417,8 @@ def _train(
             if log_now:
                 loss = math.nan  # every step since the last log was skipped (non-finite)
                 if applied_since_log:
-                    loss = distributed.mean_over_ranks(loss_sum, dist_env).item() / applied_since_log  # global batch
+                    # the global batch's mean (a copy: the window may stay open, see regular_log)
+                    loss = distributed.mean_over_ranks(loss_sum.clone(), dist_env).item() / applied_since_log
                 elapsed = time.perf_counter() - log_clock
                 first_loss = loss if first_loss is None else first_loss
                 last_loss = loss
@@ -364,8 +437,10 @@ def _train(
                     }
                 )
                 progress.set_postfix(loss=f"{loss:.3f}", tok_s=f"{steps_since_log * tokens_per_step / elapsed:,.0f}")
-                loss_sum.zero_()
-                steps_since_log = applied_since_log = 0
+                if regular_log:  # a log only because --max-steps ends here leaves the window open: resumed, the
+                    loss_sum.zero_()  # run logs at the next log step what an uninterrupted run logs there
+                    applied_since_log = 0
+                steps_since_log = 0
                 log_clock = time.perf_counter()
             if state.step % tc.eval_every_n_steps == 0 or state.step == end_step:
                 val_result = validate()
@@ -390,6 +465,28 @@ def _train(
         "nonfinite_steps": state.nonfinite_steps,
         "stopped": stopped,  # the signal's name when SIGTERM / SIGINT ended the run early, else None
     }
+
+
+# The README's quickstart, measured: a 2.1M-parameter DiT trains at about 14,500 tokens/s on 2 CPU cores.
+CPU_REFERENCE = (2.1e6, 14_500)
+CPU_NOTE_PARAMETERS = 10e6
+
+
+def _note_cpu_cost(model: torch.nn.Module, device: torch.device, cfg: Config) -> None:
+    """A model far beyond the quickstart's on a CPU (model.size=tiny is 15x it): say what it costs before it runs."""
+    num_parameters = count_parameters(model)
+    if device.type != "cpu" or num_parameters < CPU_NOTE_PARAMETERS:
+        return
+    params, rate = CPU_REFERENCE
+    tokens_per_s = rate * params / num_parameters
+    tokens_per_step = cfg.data.batch_size * cfg.training.gradient_accumulation_steps * cfg.data.max_length
+    print(
+        f"note: a {num_parameters / 1e6:.1f}M-parameter denoiser on the CPU ({num_parameters / params:.0f}x the "
+        f"quickstart's {params / 1e6:.1f}M): roughly {tokens_per_s:,.0f} tokens/s on 2 cores, "
+        f"{tokens_per_step / tokens_per_s:,.1f} s per step of {tokens_per_step:,} tokens; model.size presets are "
+        "meant for GPUs",
+        file=sys.stderr,
+    )
 
 
 def _atat_record(step) -> dict[str, Any]:

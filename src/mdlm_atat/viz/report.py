@@ -37,6 +37,22 @@ class RunRecords:
     events: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     starts: list[dict[str, Any]] = field(default_factory=list)  # start and resume records, in order
     skipped_lines: int = 0
+    is_ar: bool = False  # the AR baseline: its validation number is an exact NLL, not a bound
+
+    @property
+    def method(self) -> str:
+        method = next((s.get("method") for s in reversed(self.starts) if s.get("method")), "")
+        if self.is_ar and not method.startswith("ar"):  # runs from before the AR baseline was named as such
+            return "ar (autoregressive baseline)"
+        return method
+
+    @property
+    def val_name(self) -> str:
+        return "NLL" if self.is_ar else "NELBO"
+
+    @property
+    def ppl_relation(self) -> str:
+        return "=" if self.is_ar else "<="
 
     def get(self, event: str) -> list[dict[str, Any]]:
         return self.events.get(event, [])
@@ -85,7 +101,18 @@ def read_metrics(run_dir: str | Path) -> RunRecords:
         records.events.setdefault(event, []).append(record)
     if not records.starts and not records.events:
         raise ReportError(f"{path}: no records yet; has the run logged its first step?")
+    records.is_ar = _model_name(run_dir) == "ar" or any(
+        str(s.get("method", "")).startswith("ar") for s in records.starts)
     return records
+
+
+def _model_name(run_dir: Path) -> str | None:
+    try:
+        import yaml
+
+        return (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("model", {}).get("name")
+    except Exception:  # noqa: BLE001 - no config.yaml, or one that is not ours: the records decide
+        return None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -101,8 +128,9 @@ def plot_loss(ax, run: RunRecords) -> bool:
     ax.plot(run.tokens_at(steps), loss, color="#4c72b0", lw=1.2, label="train loss (per log step)")
     if vsteps:
         errors = stderr if len(stderr) == len(vloss) else None
+        label = "validation NLL (EMA, exact)" if run.is_ar else "validation NELBO (EMA, uniform masking)"
         ax.errorbar(run.tokens_at(vsteps), vloss, yerr=errors, color="#dd8452", marker="o", ms=4, lw=1.5,
-                    capsize=3, label="validation NELBO (EMA, uniform masking)")
+                    capsize=3, label=label)
     ax.set_xlabel("tokens seen")
     ax.set_ylabel("nats / token")
     ax.set_title("Loss")
@@ -118,11 +146,12 @@ def plot_ppl(ax, run: RunRecords) -> bool:
         return False
     ax.plot(run.tokens_at(steps), [math.exp(min(x, 700)) for x in loss], color="#4c72b0", lw=1.2, label="train")
     if vsteps:
-        ax.plot(run.tokens_at(vsteps), vppl, color="#dd8452", marker="o", ms=4, lw=1.5, label="validation (bound)")
+        ax.plot(run.tokens_at(vsteps), vppl, color="#dd8452", marker="o", ms=4, lw=1.5,
+                label="validation (exact)" if run.is_ar else "validation (bound)")
     ax.set_yscale("log")
     ax.set_xlabel("tokens seen")
     ax.set_ylabel("perplexity = exp(nats / token)")
-    ax.set_title("Perplexity (validation: an upper bound)")
+    ax.set_title("Perplexity (validation: exact)" if run.is_ar else "Perplexity (validation: an upper bound)")
     ax.legend(fontsize=8)
     _tokens_axis(ax)
     return True
@@ -200,7 +229,7 @@ def plot_masking(axes, run: RunRecords) -> bool:
         num_bins = len(rows[0])
         ax.plot(t, rate, color="grey", ls="--", lw=1.2, label="MDLM (uniform)")
         for b in range(num_bins):
-            label = "rarest fifth" if b == 0 else "commonest fifth" if b == num_bins - 1 else f"bin {b}"
+            label = frequency_bin_name(b, num_bins)
             ax.plot(t, [row[b] for row in rows], color=cmap(b / max(1, num_bins - 1) * 0.85), lw=1.4, label=label)
         ax.set_title(f"{stage} (beta = {profile['beta'][stage]:+.2f})")
         ax.set_xlabel("t")
@@ -258,12 +287,19 @@ def plot_nelbo_by_frequency(ax, run: RunRecords) -> bool:
         ax.plot(range(len(values)), values, marker="o", ms=4, color=cmap(i / max(1, len(evals) - 1) * 0.9),
                 label=f"step {r['step']}" if i in (0, len(evals) - 1) or len(evals) <= 4 else None)
     n = len(evals[-1]["nelbo_by_frequency_bin"])
-    ax.set_xticks(range(n), ["rarest"] + [str(b) for b in range(1, n - 1)] + ["commonest"])
+    ax.set_xticks(range(n), [frequency_bin_name(b, n) for b in range(n)])
     ax.set_xlabel("token-frequency bin (fifths of training tokens)")
     ax.set_ylabel("validation NELBO (nats / token)")
     ax.set_title("NELBO by token frequency")
     ax.legend(fontsize=7)
     return True
+
+
+def frequency_bin_name(b: int, num_bins: int) -> str:
+    """Bin b of num_bins training-frequency bins (fifths): one naming in every legend and axis."""
+    what = {5: "fifth", 4: "quarter", 10: "tenth"}.get(num_bins, "bin")
+    extreme = " (rarest)" if b == 0 else " (commonest)" if b == num_bins - 1 else ""
+    return f"{what} {b + 1}{extreme}"
 
 
 def plot_estimator(ax, run: RunRecords) -> bool:
@@ -320,13 +356,14 @@ class Figure:
 
 FIGURES = [
     Figure("loss", "Loss and perplexity vs tokens",
-           "Training loss (the NELBO estimate at the step's sampled t) and the validation bound (EMA weights, "
-           "uniform masking, mean +- standard error); perplexity = exp(loss).", [plot_loss, plot_ppl]),
+           "Training loss (the NELBO estimate at the step's sampled t; the AR baseline's next-token loss) and the "
+           "validation number (EMA weights, mean +- standard error: MDLM's bound under uniform masking, the AR "
+           "baseline's exact NLL); perplexity = exp(loss).", [plot_loss, plot_ppl]),
     Figure("optimisation", "Learning rate, gradient norm, throughput",
            "The LR schedule, the gradient norm before clipping (red lines: non-finite steps, skipped) and "
            "training tokens per second.", [plot_lr, plot_grad_norm, plot_throughput]),
     Figure("curriculum", "Curriculum stage and beta",
-           "The tilt beta of the adaptive masks over training, with the stage shaded (DESIGN 3.4).",
+           "The tilt beta of the adaptive masks over training, with the stage shaded (README: The method).",
            [plot_curriculum]),
     Figure("importance", "Importance distribution per stage",
            "The estimator's predicted difficulty s over training tokens: 10/50/90% quantiles and mean, averaged "
@@ -336,11 +373,11 @@ FIGURES = [
            [plot_nelbo_by_frequency]),
     Figure("estimator", "Estimator correlation over time",
            "Spearman correlation (within sequences) of the estimator's s with the denoiser's observed per-token "
-           "loss on validation data, against the unigram-surprisal baseline (DESIGN 3.2).", [plot_estimator]),
+           "loss on validation data, against the unigram-surprisal baseline (README: The method).", [plot_estimator]),
 ]
 MASKING = Figure("masking", "Masking rate vs t",
                  "Mean masking probability p_i(t) of the tokens of each training-frequency fifth under each stage's "
-                 "beta, with the last evaluation's estimator; dashed: MDLM's uniform rate (DESIGN 3.3).", [])
+                 "beta, with the last evaluation's estimator; dashed: MDLM's uniform rate (README: The method).", [])
 
 
 def _new_figure(num_panels: int, height: float = 3.6):
@@ -380,27 +417,32 @@ def render_figures(run: RunRecords, out_dir: Path) -> tuple[list[tuple[Figure, P
         missing.append(MASKING)
     summary = render_summary(run, out_dir / "summary.png")
     if summary is not None:
-        written.insert(0, (Figure("summary", "Summary", "Loss, curriculum, masking and the estimator at a glance.",
-                                  []), summary))
+        written.insert(0, (Figure("summary", "Summary", "The run at a glance: the loss, then the curriculum, masking "
+                                  "and estimator where the run has them, else perplexity and optimisation.", []),
+                           summary))
     return written, missing
 
 
 def render_summary(run: RunRecords, path: Path) -> Path | None:
-    """A 2 x 2 overview: loss vs tokens, curriculum, masking rate vs t (rarest vs commonest tokens per stage),
-    estimator correlation; panels a run lacks are left out."""
+    """A 2 x 2 overview: loss vs tokens, then the curriculum, masking rate vs t (rarest tokens per stage) and the
+    estimator's correlation; a panel the run lacks (MDLM, the AR baseline) gives its place to the next of
+    perplexity, gradient norm, throughput and LR, so that no panel is blank."""
     from matplotlib.figure import Figure as MplFigure
 
     fig = MplFigure(figsize=(11.0, 7.2), dpi=DPI, layout="constrained")
     axes = fig.subplots(2, 2).flatten()
-    shown = [plot_loss(axes[0], run), plot_curriculum(axes[1], run), _plot_masking_overlay(axes[2], run),
-             plot_estimator(axes[3], run)]
-    if not shown[0]:
+    if not plot_loss(axes[0], run):
         return None
-    for ax, ok in zip(axes, shown):
-        ax.set_visible(ok)
+    queue = [plot_curriculum, _plot_masking_overlay, plot_estimator, plot_ppl, plot_grad_norm, plot_throughput,
+             plot_lr]
+    for ax in axes:
         ax.grid(alpha=0.3)
-    method = next((s.get("method") for s in reversed(run.starts) if s.get("method")), "")
-    fig.suptitle(f"{run.run_dir.name}: {method}", fontsize=11)
+    for ax in axes[1:]:
+        shown = False
+        while queue and not shown:
+            shown = queue.pop(0)(ax, run)
+        ax.set_visible(shown)
+    fig.suptitle(f"{run.run_dir.name}: {run.method}", fontsize=11)
     fig.savefig(path)
     return path
 
@@ -429,7 +471,7 @@ def final_numbers(run: RunRecords) -> list[tuple[str, str]]:
     rows: list[tuple[str, str]] = []
     start = run.starts[0] if run.starts else {}
     if start:
-        rows.append(("method", str(start.get("method", ""))))
+        rows.append(("method", run.method))
         estimator = start.get("estimator_parameters", 0)
         rows.append(("parameters", f"{start.get('parameters', 0):,} (estimator {estimator:,})"))
         rows.append(("device / precision", f"{start.get('device', '?')} / {start.get('precision', '?')}"))
@@ -442,11 +484,11 @@ def final_numbers(run: RunRecords) -> list[tuple[str, str]]:
     val = run.get("val")
     if val:
         last = val[-1]
-        rows.append(("validation NELBO (last)", f"{last['val_nelbo']:.4f} +- {last.get('val_stderr', math.nan):.4f} "
-                     f"nats/token, PPL <= {last['val_ppl']:.2f} (step {last['step']}, "
-                     f"{last.get('val_tokens', 0):,} tokens)"))
+        rows.append((f"validation {run.val_name} (last)", f"{last['val_nelbo']:.4f} +- "
+                     f"{last.get('val_stderr', math.nan):.4f} nats/token, PPL {run.ppl_relation} {last['val_ppl']:.2f} "
+                     f"(step {last['step']}, {last.get('val_tokens', 0):,} tokens)"))
         best = min(val, key=lambda r: r["val_nelbo"])
-        rows.append(("validation NELBO (best)", f"{best['val_nelbo']:.4f} (step {best['step']})"))
+        rows.append((f"validation {run.val_name} (best)", f"{best['val_nelbo']:.4f} (step {best['step']})"))
     atat = run.get("atat_val")
     if atat and "spearman_estimator" in atat[-1]:
         a = atat[-1]
@@ -525,7 +567,8 @@ def write_page(run: RunRecords, out_dir: Path, written, missing) -> Path:
     evals = eval_results(run.run_dir)
     eval_html = ""
     if evals:
-        columns = ("file", "dataset / split", "NELBO (nats/token)", "PPL &le;", "tokens", "step")
+        columns = ("file", "dataset / split", f"{run.val_name} (nats/token)", "PPL =" if run.is_ar else "PPL &le;",
+                   "tokens", "step")
         head = "<tr>" + "".join(f"<th>{c}</th>" for c in columns) + "</tr>"
         body = "".join(
             f"<tr><td>{esc(name)}</td><td>{esc(str(r.get('dataset')))} / {esc(str(r.get('split')))}</td>"
