@@ -22,9 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-if not SHARED.is_dir():
-    SHARED = Path("/work/shared")
+SHARED = Path(__file__).resolve().parents[2] / "shared"  # ../shared beside the checkout, as the README says
 MDLM_DIR = SHARED / "reference" / "mdlm"
 
 # What these tests lift from diffusion.py's `Diffusion`: the SUBS parameterisation, the continuous-time loss and
