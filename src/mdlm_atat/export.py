@@ -367,6 +367,11 @@ def load_export(
     folder = Path(folder)
     try:
         config = json.loads((folder / "config.json").read_text())
+        if config.get("model_type") == "mdlm":
+            raise CheckpointError(
+                f"{folder}: MDLM's released checkpoint (model_type mdlm), not an atat export; convert it once with "
+                f"`atat import --mdlm {folder} --out {folder.name}-atat` and pass that folder"
+            )
         info = config["mdlm_atat"]
         tok_info = json.loads((folder / "tokenizer_config.json").read_text())["mdlm_atat"]
         backend = (folder / "tokenizer.json").read_text()
