@@ -440,7 +440,7 @@ def _add_import(subparsers) -> None:
     )
     p.add_argument(
         "--mdlm", type=Path, required=True, metavar="PATH",
-        help="MDLM's hub folder (e.g. from huggingface-cli download kuleshov-group/mdlm-owt --local-dir mdlm-owt) "
+        help="MDLM's hub folder (e.g. from hf download kuleshov-group/mdlm-owt --local-dir mdlm-owt) "
         "or a .ckpt file",
     )
     p.add_argument("--out", type=Path, required=True, help="the folder to write (new, or empty; see --force)")

@@ -232,7 +232,7 @@ def read_release(source: str | Path, use_ema: bool = True) -> MdlmCheckpoint:
         config_file = path / "config.json"
         if not (config_file.is_file() and (path / "model.safetensors").is_file()):
             raise CheckpointError(f"--mdlm {path}: expected MDLM's hub folder (config.json and model.safetensors, "
-                                  "e.g. from `huggingface-cli download kuleshov-group/mdlm-owt --local-dir DIR`)")
+                                  "e.g. from `hf download kuleshov-group/mdlm-owt --local-dir DIR`)")
         try:
             config = json.loads(config_file.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError):

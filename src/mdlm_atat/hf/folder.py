@@ -59,6 +59,7 @@ def tokenizer_files(tokenizer: Tokenizer, max_length: int) -> dict[str, str]:
         "appended_ids": [i for i, _ in appended],  # in tokenizer.json for transformers only; see atat_backend
     }
     config = {**specials, "model_max_length": max_length, "tokenizer_class": "PreTrainedTokenizerFast",
+              "clean_up_tokenization_spaces": False,  # decode as atat does: the tokenizer's own decoder only
               "mdlm_atat": info}
     return {
         "tokenizer.json": backend.to_str(),
