@@ -355,7 +355,7 @@ def transformers_usage(cfg: Config, tokenizer: Tokenizer, name: str) -> list[str
         "```",
         "",
         f"MASK is id {tokenizer.mask_id}; {pad}. The logits are the ones `atat` computes (the same float32 operations; "
-        f"the last bit can differ with the weights' memory layout). {meaning}",
+        f"the last bits can differ with the weights' memory layout). {meaning}",
     ]
 
 
