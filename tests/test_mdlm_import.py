@@ -101,12 +101,14 @@ def write_lightning_checkpoint(path: Path, model: torch.nn.Module, config: objec
 
 
 def mdlm_nelbo_terms(mdlm: torch.nn.Module, x0: torch.Tensor, t: torch.Tensor, uniform: torch.Tensor,
-                     time_conditioning: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                     time_conditioning: bool, noise: str) -> tuple[torch.Tensor, torch.Tensor]:
     """MDLM's continuous-time SUBS loss per token (diffusion.py `_forward_pass_diffusion`: its `forward`, i.e.
-    `_process_sigma` and `_subs_parameterization`, and its LogLinearNoise), masking where `uniform` is below the
-    move chance, as its `q_xt` does with its own draw. (B, L) each: the weighted NLL and the mask."""
+    `_process_sigma` and `_subs_parameterization`, and its LogLinearNoise or CosineNoise), masking where `uniform`
+    is below the move chance, as its `q_xt` does with its own draw. (B, L) each: the weighted NLL and the mask."""
     mask_id = mdlm.vocab_size - 1
     diffusion = ref.reference_diffusion(mdlm, mask_id, time_conditioning, x0.shape[1])
+    diffusion.noise = {"loglinear": ref.noise_schedule_module().LogLinearNoise,
+                       "cosine": ref.noise_schedule_module().CosineNoise}[noise]()  # get_noise, eps 1e-3
     sigma, dsigma = diffusion.noise(t)  # (B,), (B,)
     move_chance = 1 - torch.exp(-sigma[:, None])  # (B, 1)
     x_t = torch.where(uniform < move_chance, mask_id, x0)
@@ -116,20 +118,24 @@ def mdlm_nelbo_terms(mdlm: torch.nn.Module, x0: torch.Tensor, t: torch.Tensor, u
     return -log_p_x0 * (dsigma / torch.expm1(sigma))[:, None], x_t == mask_id
 
 
-def assert_same_as_mdlm(folder: Path, mdlm: torch.nn.Module, time_conditioning: bool) -> None:
-    """Logits bit for bit; the NELBO of the same masks to float32 rounding (1/t against MDLM's dsigma/expm1)."""
+def assert_same_as_mdlm(folder: Path, mdlm: torch.nn.Module, time_conditioning: bool,
+                        noise: str = "loglinear") -> None:
+    """Logits bit for bit; the NELBO of the same masks to float32 rounding (our alpha'/alpha against MDLM's
+    dsigma/expm1(sigma))."""
     model, cfg, tokenizer, _ = load_for_inference(folder)
     assert (tokenizer.mask_id, tokenizer.num_tokens) == (50257, mdlm.vocab_size)
+    assert (cfg.diffusion.schedule, cfg.diffusion.eps, cfg.model.time_conditioning) == (noise, 1e-3, time_conditioning)
     gen = torch.Generator().manual_seed(0)
     x0 = torch.randint(0, 50257, (4, cfg.data.max_length), generator=gen)
     t = torch.tensor([0.05, 0.3, 0.6, 0.95])
     uniform = torch.rand(x0.shape, generator=gen)
-    mdlm_nll, mdlm_masked = mdlm_nelbo_terms(mdlm, x0, t, uniform, time_conditioning)
+    mdlm_nll, mdlm_masked = mdlm_nelbo_terms(mdlm, x0, t, uniform, time_conditioning, noise)
+    objective = make_objective(cfg, tokenizer)
     with torch.no_grad(), ref.quiet():
         x_t = torch.where(mdlm_masked, tokenizer.mask_id, x0)
-        sigma = -torch.log1p(-(1 - 1e-3) * t)
+        sigma = objective.schedule.total_noise(t)
         assert torch.equal(model(x_t, sigma), mdlm(x_t, sigma if time_conditioning else torch.zeros(4)))
-        terms = make_objective(cfg, tokenizer)(model, x0, t=t, uniform_noise=uniform)
+        terms = objective(model, x0, t=t, uniform_noise=uniform)
     assert torch.equal(terms.masked, mdlm_masked)
     torch.testing.assert_close(terms.token_loss, mdlm_nll, rtol=1e-5, atol=1e-5)
     assert terms.loss.item() == pytest.approx((mdlm_nll.sum() / x0.numel()).item(), rel=1e-6)
@@ -217,6 +223,15 @@ def test_lightning_checkpoint_ema_raw_and_config(tmp_path, monkeypatch):
     assert_same_as_mdlm(tmp_path / "ema", mdlm, time_conditioning=True)
     card = (tmp_path / "ema" / "README.md").read_text()
     assert "MDLM's checkpoint `last.ckpt`, step 7" in card and "its EMA weights" in card
+    assert "pass `noise_level` (B,) = -log(1 - alpha(t)), with alpha(t) = (1 - 0.001) t" in card
+
+
+def test_lightning_checkpoint_cosine_schedule(tmp_path, monkeypatch):
+    mdlm = mdlm_dit(length=32)
+    ckpt = tmp_path / "cosine.ckpt"
+    write_ckpt(ckpt, mdlm, {**MDLM_OWT_CONFIG, "noise": {"type": "cosine"}}, monkeypatch)
+    assert import_mdlm(ckpt, tmp_path / "raw", tokenizer=str(GPT2), use_ema=False)["schedule"] == "cosine"
+    assert_same_as_mdlm(tmp_path / "raw", mdlm, time_conditioning=False, noise="cosine")
 
 
 def test_lightning_checkpoint_runs_none_of_its_code(tmp_path, monkeypatch):
@@ -270,9 +285,10 @@ def test_user_errors_are_one_line(tmp_path, monkeypatch, capsys):
     assert "not 'mdlm'" in run_error(capsys, "import", "--mdlm", str(other), "--out", out)
 
     sedd = tmp_path / "sedd.ckpt"
-    write_ckpt(sedd, mdlm, {**MDLM_OWT_CONFIG, "parameterization": "sedd"}, monkeypatch)
+    write_ckpt(sedd, mdlm, {**MDLM_OWT_CONFIG, "parameterization": "sedd", "noise": {"type": "geometric"}},
+               monkeypatch)
     err = run_error(capsys, "import", "--mdlm", str(sedd), "--out", out, "--tokenizer", str(GPT2))
-    assert "parameterization='sedd'" in err
+    assert "parameterization='sedd'" in err and "noise.type='geometric'" in err
     assert "atat import --mdlm" in run_error(capsys, "eval", "--checkpoint", str(sedd), "--device", "cpu")
 
     no_ema = tmp_path / "no-ema.ckpt"

@@ -39,6 +39,7 @@ from mdlm_atat.train.checkpoint import CheckpointError, is_export_dir, load_run_
 
 FORMAT_VERSION = 1
 WEIGHTS = {"ema": "EMA (as evaluation and sampling use)", "raw": "raw (not the EMA)"}  # how the card says them
+ALPHA = {"loglinear": "(1 - {eps}) t", "cosine": "(1 - {eps}) (1 - cos(pi t / 2))"}  # diffusion/schedule.py
 
 
 def _safetensors():
@@ -180,6 +181,8 @@ def hf_config(cfg: Config, tokenizer: Tokenizer, meta: dict[str, Any], num_param
         "mlp_ratio": m.mlp_ratio,
         "dropout": m.dropout,
         "time_conditioning": m.time_conditioning,
+        "schedule": cfg.diffusion.schedule,  # alpha(t); a time-conditioned model sees sigma(t) = -log(1 - alpha(t))
+        "schedule_eps": cfg.diffusion.eps,
         "max_position_embeddings": cfg.data.max_length,
         "vocab_size": tokenizer.num_tokens,  # embedding rows: the tokenizer's ids plus any appended MASK / PAD
         "tokenizer_vocab_size": tokenizer.vocab_size,
@@ -337,8 +340,9 @@ def transformers_usage(cfg: Config, tokenizer: Tokenizer, name: str) -> list[str
             "samplers. "
             + ("The model is not time-conditioned (MDLM's default): it needs no noise level."
                if not cfg.model.time_conditioning else
-               f"The model is time-conditioned: pass `noise_level=-torch.log1p(-(1 - {cfg.diffusion.eps}) * t)`, "
-               "shape (B,), with t the masking rate of x_t.")
+               f"The model is time-conditioned: pass `noise_level` (B,) = -log(1 - alpha(t)), with alpha(t) = "
+               f"{ALPHA[cfg.diffusion.schedule].format(eps=cfg.diffusion.eps)} the masking rate of x_t "
+               f"({cfg.diffusion.schedule} schedule).")
         )
     pad = ("PAD is EOS (the model was trained on packed blocks, without padding)" if tokenizer.pad_id is None
            else f"PAD is id {tokenizer.pad_id}")

@@ -9,15 +9,15 @@ frequencies, recomputed here; its length gives the head width):
   is GPT-2's, with MASK appended at 50,257 (vocab_size 50,258), which is our MASK rule too.
 - the Lightning `.ckpt` its training writes: `state_dict` (raw weights, `backbone.*`), `ema` (models/ema.py's
   state: `shadow_params`, one tensor per parameter of `itertools.chain(backbone.parameters(), noise.parameters())`
-  in that order; the log-linear schedule has no parameters, so the list is the backbone's parameters in
-  registration order, which is the state dict's key order without the buffer), and `hyper_parameters` (the Hydra
+  in that order; its log-linear and cosine schedules have no parameters, so the list is the backbone's parameters
+  in registration order, which is the state dict's key order without the buffer), and `hyper_parameters` (the Hydra
   config and the tokenizer, pickled as omegaconf and transformers objects).
 
 A .ckpt is a pickle: it is read with an unpickler that builds tensors and plain containers and turns every other
 class into an inert placeholder (no import, no constructor runs), so neither omegaconf nor Lightning is needed
 and the file's code never runs. The model's shape comes from the weights; the pickled config, where readable,
-gives L, time conditioning and the schedule, and is checked against what we compute (MDLM's SUBS, log-linear
-eps = 1e-3).
+gives L, time conditioning and the schedule (log-linear or cosine, eps = 1e-3), and is checked against what we
+compute (MDLM's SUBS in continuous time).
 """
 
 from __future__ import annotations
@@ -41,6 +41,9 @@ from mdlm_atat.train.checkpoint import CheckpointError
 PREFIX = "backbone."
 MDLM_BUFFERS = ("rotary_emb.inv_freq",)  # in MDLM's state dicts, not ours
 MDLM_LENGTH = 1024  # MDLM's OpenWebText block (configs/model/small.yaml), when a .ckpt's config is unreadable
+# MDLM's noise.type -> our diffusion.schedule: LogLinearNoise and CosineNoise, both with eps = 1e-3 (their default,
+# which MDLM's get_noise uses), are diffusion/schedule.py's LogLinearSchedule and CosineSchedule.
+MDLM_SCHEDULES = {"loglinear": "loglinear", "cosine": "cosine"}
 TOKENIZER_HINT = ("pass the tokenizer the model was trained with, e.g. --tokenizer gpt2 for MDLM's OpenWebText "
                   "models (a HF name, or a local folder such as ../shared/tokenizers/gpt2)")
 
@@ -51,7 +54,7 @@ class MdlmCheckpoint:
 
     weights: dict[str, torch.Tensor]  # our parameter names (no `backbone.`, no buffers)
     head_dim: int  # from rotary_emb.inv_freq
-    settings: dict[str, Any]  # what MDLM's config says: length, time_conditioning, dropout, ...
+    settings: dict[str, Any]  # what MDLM's config says: schedule, length, time_conditioning, dropout, ...
     step: int | None
     kind: str  # how the model card and the summary name the weights
 
@@ -66,6 +69,7 @@ def read_hub_folder(folder: Path, config: dict[str, Any]) -> MdlmCheckpoint:
     state = load_file(str(folder / "model.safetensors"))
     weights, head_dim = _backbone(state, folder / "model.safetensors")
     settings = {
+        "schedule": None,  # the hub's config.json does not say; MDLM's released models are log-linear
         "length": config.get("model_length"),
         "time_conditioning": config.get("time_conditioning"),
         "dropout": config.get("dropout"),
@@ -94,9 +98,10 @@ def read_lightning_checkpoint(path: Path, use_ema: bool = True) -> MdlmCheckpoin
         kind = "ema"
     config = _plain(payload.get("hyper_parameters", {})).get("config")
     config = config if isinstance(config, dict) else {}
-    _check_method(config, path)
+    schedule = _schedule(config, path)
     model = config.get("model") if isinstance(config.get("model"), dict) else {}
     settings = {
+        "schedule": schedule,
         "length": model.get("length"),
         "time_conditioning": config.get("time_conditioning"),
         "dropout": model.get("dropout"),
@@ -133,18 +138,22 @@ def _ema_weights(
     return dict(zip(names, shadow))
 
 
-def _check_method(config: dict[str, Any], source: Path) -> None:
-    """Refuse a checkpoint whose objective is not the one `atat` evaluates and samples (when its config says)."""
+def _schedule(config: dict[str, Any], source: Path) -> str | None:
+    """Our `diffusion.schedule` for MDLM's config (None where it does not say); a CheckpointError for an objective
+    `atat` does not evaluate and sample: MDLM's DiT, SUBS, continuous time, a log-linear or cosine schedule."""
     expected = {"backbone": "dit", "parameterization": "subs", "T": 0}
-    noise = config.get("noise") if isinstance(config.get("noise"), dict) else {}
     found = {k: config.get(k) for k in expected}
-    found["noise.type"], expected["noise.type"] = noise.get("type"), "loglinear"
     wrong = [f"{k}={found[k]!r}" for k in expected if found[k] is not None and found[k] != expected[k]]
+    noise = config.get("noise") if isinstance(config.get("noise"), dict) else {}
+    noise_type = noise.get("type")
+    if noise_type is not None and noise_type not in MDLM_SCHEDULES:
+        wrong.append(f"noise.type={noise_type!r}")
     if wrong:
         raise CheckpointError(
             f"{source}: {', '.join(wrong)}; atat evaluates and samples MDLM's DiT with SUBS in continuous time on the "
-            "log-linear schedule (backbone=dit, parameterization=subs, T=0, noise=loglinear) only"
+            "log-linear or cosine schedule (backbone=dit, parameterization=subs, T=0, noise=loglinear|cosine) only"
         )
+    return MDLM_SCHEDULES.get(noise_type)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -270,7 +279,7 @@ def mdlm_config(release: MdlmCheckpoint, tokenizer: str, dataset: str) -> Config
             "dropout": 0.1 if settings["dropout"] is None else settings["dropout"],
             "time_conditioning": bool(settings["time_conditioning"]),
         },
-        "diffusion": {"eps": 1e-3},  # MDLM's LogLinearNoise() default
+        "diffusion": {"schedule": settings["schedule"] or "loglinear", "eps": 1e-3},  # MDLM's get_noise defaults
         "atat": {"enabled": False},  # MDLM: uniform masking
     })
 
@@ -317,6 +326,7 @@ def import_mdlm(
     meta = {"step": release.step, "config_hash": cfg.hash(), "weights": release.kind}
     files = write_export(out, release.weights, cfg, tok, meta, [], origin=origin)
     return {"out": str(out), "source": str(source), "weights": release.kind, "step": release.step,
+            "schedule": cfg.diffusion.schedule,
             "hidden_dim": cfg.model.hidden_dim, "num_layers": cfg.model.num_layers, "num_heads": cfg.model.num_heads,
             "max_length": cfg.data.max_length, "time_conditioning": cfg.model.time_conditioning,
             "tokenizer": tok.name, "mask_id": tok.mask_id, "files": files}

@@ -23,6 +23,8 @@ class MdlmAtatConfig(PretrainedConfig):
         mlp_ratio: int = 4,
         dropout: float = 0.1,
         time_conditioning: bool = False,  # MDLM's default: the denoiser ignores the noise level
+        schedule: str = "loglinear",  # the masking rate alpha(t) trained with: loglinear (1 - eps) t, or cosine
+        schedule_eps: float = 1e-3,
         is_diffusion_model: bool = True,  # False: the autoregressive baseline (causal attention)
         max_position_embeddings: int = 1024,  # L of training; rotary positions work at any length
         mask_token_id: int | None = None,
@@ -36,6 +38,8 @@ class MdlmAtatConfig(PretrainedConfig):
         self.mlp_ratio = mlp_ratio
         self.dropout = dropout
         self.time_conditioning = time_conditioning
+        self.schedule = schedule
+        self.schedule_eps = schedule_eps
         self.is_diffusion_model = is_diffusion_model
         self.max_position_embeddings = max_position_embeddings
         self.mask_token_id = mask_token_id

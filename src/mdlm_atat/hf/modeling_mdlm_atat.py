@@ -155,8 +155,9 @@ class FinalLayer(nn.Module):
 class MdlmAtatForMaskedLM(PreTrainedModel):
     """MDLM's DiT: input_ids x_t (B, L) and an optional noise level (B,) -> logits (B, L, vocab_size).
 
-    `noise_level` is sigma(t) = -log(1 - (1 - eps) t) of MDLM's log-linear schedule (eps = 1e-3); a model without
-    time conditioning (MDLM's default) ignores it, as in training, and it may be left out.
+    `noise_level` is sigma(t) = -log(1 - alpha(t)), alpha(t) the masking rate of the schedule trained with
+    (`config.schedule`: log-linear (1 - eps) t, MDLM's default, or cosine); a model without time conditioning
+    (MDLM's default) ignores it, as in training, and it may be left out.
     """
 
     config_class = MdlmAtatConfig
