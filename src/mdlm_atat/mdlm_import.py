@@ -35,7 +35,7 @@ from mdlm_atat import __version__
 from mdlm_atat.config import Config, ConfigError, from_dict
 from mdlm_atat.data.sources import DataError
 from mdlm_atat.data.tokenizers import build_tokenizer
-from mdlm_atat.export import _safetensors, write_export
+from mdlm_atat.export import _check_out, _safetensors, write_export
 from mdlm_atat.train.checkpoint import CheckpointError
 
 PREFIX = "backbone."
@@ -294,11 +294,9 @@ def import_mdlm(
 ) -> dict[str, Any]:
     """Convert MDLM's hub folder or Lightning .ckpt into an export folder; returns a summary."""
     _safetensors()  # before any work: a missing package is the first thing to say
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise CheckpointError(f"--out {out}: exists and is not empty; choose a new folder or pass --force")
-    release = read_release(source, use_ema)
     folder = Path(source).expanduser()
+    out = _check_out(Path(out_dir), overwrite, folder)  # as atat export: never over the source or other files
+    release = read_release(source, use_ema)
     if tokenizer is None:
         if not (folder.is_dir() and any((folder / f).is_file() for f in ("tokenizer.json", "vocab.json"))):
             raise ConfigError(f"--tokenizer: MDLM's checkpoints carry no tokenizer; {TOKENIZER_HINT}")
@@ -325,7 +323,7 @@ def import_mdlm(
     )
     meta = {"step": release.step, "config_hash": cfg.hash(), "weights": release.kind}
     files = write_export(out, release.weights, cfg, tok, meta, [], origin=origin)
-    return {"out": str(out), "source": str(source), "weights": release.kind, "step": release.step,
+    return {"out": str(out_dir), "source": str(source), "weights": release.kind, "step": release.step,
             "schedule": cfg.diffusion.schedule,
             "hidden_dim": cfg.model.hidden_dim, "num_layers": cfg.model.num_layers, "num_heads": cfg.model.num_heads,
             "max_length": cfg.data.max_length, "time_conditioning": cfg.model.time_conditioning,
