@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 # One thread per process, set before torch starts and inherited by the subprocesses tests launch: the test
@@ -16,6 +17,12 @@ import torch  # noqa: E402
 from mdlm_atat.config import Config, load_config  # noqa: E402
 
 torch.set_num_threads(1)
+
+# Tests never reach the HF hub (STYLE principle 7), and transformers' copies of an export's remote code go to a
+# folder removed at exit rather than ~/.cache; both are read when transformers is first imported.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+_HF_MODULES = tempfile.TemporaryDirectory(prefix="hf-modules-")
+os.environ.setdefault("HF_MODULES_CACHE", _HF_MODULES.name)
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO / "configs" / "atat"

@@ -18,6 +18,7 @@ NUMERIC = {
     "prepare": ([], {}),
     "report": (["run"], {}),
     "export": (["--checkpoint", "ckpt.pt", "--out", "out"], {}),
+    "import": (["--mdlm", "mdlm-owt", "--out", "out"], {}),
 }
 CASES = [(verb, option, value) for verb, (_, options) in NUMERIC.items() for option, zero_ok in options.items()
          for value in (["-5", "10" * 15, "abc", "1.5", "", "1e3"] + ([] if zero_ok else ["0"]))]

@@ -30,8 +30,9 @@ def run_dir(tmp_path_factory, data_cache):
 def test_export_round_trips_eval_and_sample(run_dir, tmp_path):
     out = tmp_path / "tiny-atat"
     summary = export_checkpoint(run_dir, out)
-    assert summary["files"] == ["README.md", "config.json", "estimator.safetensors", "model.safetensors",
-                                "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"]
+    assert summary["files"] == ["README.md", "config.json", "configuration_mdlm_atat.py", "estimator.safetensors",
+                                "model.safetensors", "modeling_mdlm_atat.py", "special_tokens_map.json",
+                                "tokenizer.json", "tokenizer_config.json"]
     from_ckpt = evaluate_checkpoint(run_dir, max_batches=2, device="cpu")
     from_export = evaluate_checkpoint(out, max_batches=2, device="cpu")
     assert from_export.pop("checkpoint") == str(out)

@@ -243,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sample(subparsers)
     _add_report(subparsers)
     _add_export(subparsers)
+    _add_import(subparsers)
     return parser
 
 
@@ -426,6 +427,45 @@ def _add_export(subparsers) -> None:
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
 
 
+def _add_import(subparsers) -> None:
+    p = subparsers.add_parser(
+        "import",
+        help="MDLM's released checkpoints (hub folder or Lightning .ckpt) as an export folder",
+        description=(
+            "Convert a checkpoint of MDLM (kuleshov-group/mdlm): its hub folder (config.json with model_type mdlm "
+            "and model.safetensors, e.g. kuleshov-group/mdlm-owt) or a Lightning .ckpt of its training (the EMA "
+            "weights by default), into the folder atat export writes: atat eval and atat sample take it as "
+            "--checkpoint, and transformers loads it. The weights are not changed, only renamed."
+        ),
+    )
+    p.add_argument(
+        "--mdlm", type=Path, required=True, metavar="PATH",
+        help="MDLM's hub folder (e.g. from hf download kuleshov-group/mdlm-owt --local-dir mdlm-owt) "
+        "or a .ckpt file",
+    )
+    p.add_argument("--out", type=Path, required=True, help="the folder to write (new, or empty; see --force)")
+    p.add_argument(
+        "--tokenizer",
+        help="the tokenizer the model was trained with: gpt2 for OpenWebText (a HF name, or a local folder such as "
+        "../shared/tokenizers/gpt2); MASK is appended after it, as MDLM does",
+    )
+    p.add_argument(
+        "--dataset", default="openwebtext",
+        help="the dataset atat eval scores by default (default openwebtext, MDLM's training set)",
+    )
+    p.add_argument("--no-ema", action="store_true", help="a .ckpt's raw weights instead of its EMA")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+
+
+def run_import(args: argparse.Namespace) -> int:
+    from mdlm_atat.mdlm_import import import_mdlm
+
+    result = import_mdlm(args.mdlm, args.out, tokenizer=args.tokenizer, dataset=args.dataset,
+                         use_ema=not args.no_ema, overwrite=args.force)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
 def run_report(args: argparse.Namespace) -> int:
     from mdlm_atat.viz.report import write_report
 
@@ -446,7 +486,7 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 VERBS = {"train": run_train, "eval": run_eval, "prepare": run_prepare, "download": run_prepare, "sample": run_sample,
-         "report": run_report, "export": run_export}
+         "report": run_report, "export": run_export, "import": run_import}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,11 +3,15 @@
     OUT/
       model.safetensors      the denoiser's weights (the EMA by default: what evaluation and sampling use)
       estimator.safetensors  ATAT's importance estimator, when the run had a learned one (not needed to sample)
-      config.json            HF-style fields (model_type, sizes, vocabulary, special ids) and, under `mdlm_atat`,
-                             the run's full resolved config, step and config hash: the model is rebuilt from it
-      tokenizer.json         the tokenizer (HF `tokenizers` format), tokenizer_config.json and
-                             special_tokens_map.json with the special tokens and our ids (an appended MASK / PAD id
-                             lies outside tokenizer.json's vocabulary, so the ids are stated)
+      config.json            transformers' fields (model_type, auto_map, sizes, vocabulary, special ids) and, under
+                             `mdlm_atat`, the run's full resolved config, step and config hash: the model is
+                             rebuilt from it
+      configuration_mdlm_atat.py, modeling_mdlm_atat.py
+                             the model for transformers: AutoModelForMaskedLM.from_pretrained(OUT,
+                             trust_remote_code=True) gives the same logits as `atat` (mdlm_atat/hf/)
+      tokenizer.json         the tokenizer (HF `tokenizers` format) with an appended MASK / PAD as added tokens at
+                             their ids, tokenizer_config.json and special_tokens_map.json naming BOS, EOS, MASK and
+                             PAD, so AutoTokenizer.from_pretrained(OUT) has them (hf/folder.py)
       README.md              a model card: what it is, the evaluation numbers found, how to use it, the config
 
 safetensors holds tensors only (no pickle), so the weights load without running code. The evaluation numbers in
@@ -29,10 +33,13 @@ import torch
 from mdlm_atat import __version__
 from mdlm_atat.config import Config, ConfigError, from_dict
 from mdlm_atat.data.tokenizers import Tokenizer
+from mdlm_atat.hf.folder import AUTO_MAP, atat_backend, copy_remote_code, tokenizer_files
 from mdlm_atat.models import build_model, count_parameters
 from mdlm_atat.train.checkpoint import CheckpointError, is_export_dir, load_run_checkpoint, resolve_checkpoint
 
 FORMAT_VERSION = 1
+WEIGHTS = {"ema": "EMA (as evaluation and sampling use)", "raw": "raw (not the EMA)"}  # how the card says them
+ALPHA = {"loglinear": "(1 - {eps}) t", "cosine": "(1 - {eps}) (1 - cos(pi t / 2))"}  # diffusion/schedule.py
 
 
 def _safetensors():
@@ -51,7 +58,7 @@ def export_checkpoint(
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Write the export folder; returns a summary (paths, step, evaluation entries in the card)."""
-    _, save_file = _safetensors()
+    _safetensors()  # before any work: a missing package is the first thing to say
     path = resolve_checkpoint(checkpoint)
     if is_export_dir(path):
         raise CheckpointError(f"{path}: already an exported folder; export a .pt checkpoint or a run folder")
@@ -61,40 +68,49 @@ def export_checkpoint(
     tokenizer = Tokenizer.from_json(payload["tokenizer"])
     weights_key = "ema" if use_ema and payload.get("ema") is not None else "model"
     step = payload["state"]["step"]
-    weights = "ema" if weights_key == "ema" else "raw"
-    meta = {"step": str(step), "config_hash": payload["config_hash"], "weights": weights}
+    meta = {"step": step, "config_hash": payload["config_hash"], "weights": "ema" if weights_key == "ema" else "raw",
+            "tokens_seen": payload["state"]["samples_seen"] * cfg.data.max_length}
+    evaluations = collect_evaluations(path, step, payload["config_hash"], eval_files or [], cfg)
+    files = write_export(out, payload[weights_key], cfg, tokenizer, meta, evaluations, payload.get("estimator"))
+    return {"out": str(out_dir), "step": step, "weights": meta["weights"], "evaluations": len(evaluations),
+            "files": files}
 
+
+def write_export(
+    out: Path,
+    weights: dict[str, torch.Tensor],
+    cfg: Config,
+    tokenizer: Tokenizer,
+    meta: dict[str, Any],
+    evaluations: list[dict[str, Any]],
+    estimator: dict[str, torch.Tensor] | None = None,
+    origin: str | None = None,
+) -> list[str]:
+    """Write the folder (the layout in the module doc) in one step: it appears complete or not at all.
+
+    `meta`: step, config_hash, weights ("ema", "raw", ...), optionally tokens_seen. `origin` replaces the model
+    card's "trained with mdlm-atat" line (for weights trained elsewhere: `atat import`). Returns the file names.
+    """
+    _, save_file = _safetensors()
+    tensor_meta = {"format": "pt", **{k: str(meta[k]) for k in ("step", "config_hash", "weights")}}
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(_plain(payload[weights_key]), str(tmp / "model.safetensors"), metadata={"format": "pt", **meta})
-    if payload.get("estimator"):
-        save_file(_plain(payload["estimator"]), str(tmp / "estimator.safetensors"), metadata={"format": "pt", **meta})
-    model = build_model(cfg.model, tokenizer.num_tokens)
-    num_parameters = count_parameters(model)
-    (tmp / "config.json").write_text(json.dumps(hf_config(cfg, tokenizer, payload, meta, num_parameters), indent=2))
-    backend = json.loads(payload["tokenizer"])
-    (tmp / "tokenizer.json").write_text(backend["backend"])
-    specials = _special_tokens(tokenizer)
-    (tmp / "special_tokens_map.json").write_text(json.dumps(specials, indent=2))
-    (tmp / "tokenizer_config.json").write_text(json.dumps(
-        {
-            **specials,
-            "model_max_length": cfg.data.max_length,
-            "tokenizer_class": "PreTrainedTokenizerFast",
-            "mdlm_atat": {k: backend[k] for k in ("name", "bos_id", "eos_id", "mask_id", "pad_id")},
-        },
-        indent=2,
-    ))
-    evaluations = collect_evaluations(path, step, payload["config_hash"], eval_files or [], cfg)
-    (tmp / "README.md").write_text(model_card(cfg, tokenizer, meta, num_parameters, evaluations, out.name))
+    save_file(_plain(weights), str(tmp / "model.safetensors"), metadata=tensor_meta)
+    if estimator:
+        save_file(_plain(estimator), str(tmp / "estimator.safetensors"), metadata=tensor_meta)
+    num_parameters = count_parameters(build_model(cfg.model, tokenizer.num_tokens))
+    (tmp / "config.json").write_text(json.dumps(hf_config(cfg, tokenizer, meta, num_parameters), indent=2))
+    for name, text in tokenizer_files(tokenizer, cfg.data.max_length).items():
+        (tmp / name).write_text(text)
+    copy_remote_code(tmp)  # transformers' AutoModelForMaskedLM loads the folder with these (trust_remote_code)
+    (tmp / "README.md").write_text(model_card(cfg, tokenizer, meta, num_parameters, evaluations, out.name, origin))
     for file in tmp.iterdir():  # safetensors writes 0600: an export is meant to be shared, as the umask allows
         file.chmod(0o666 & ~_umask())
     if out.exists():
         shutil.rmtree(out)  # a previous export (checked by _check_out), or an empty folder
     tmp.rename(out)  # the folder appears complete or not at all
-    return {"out": str(out_dir), "step": step, "weights": meta["weights"], "evaluations": len(evaluations),
-            "files": sorted(p.name for p in out.iterdir())}
+    return sorted(p.name for p in out.iterdir())
 
 
 def is_previous_export(folder: Path) -> bool:
@@ -145,28 +161,28 @@ def _plain(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone().contiguous() for k, v in state.items()}
 
 
-def _special_tokens(tokenizer: Tokenizer) -> dict[str, str]:
-    """Special token strings where the id is in the tokenizer's vocabulary; appended ids are stated in ids only."""
-    out = {}
-    for name, token_id in (("bos_token", tokenizer.bos_id), ("eos_token", tokenizer.eos_id),
-                           ("mask_token", tokenizer.mask_id), ("pad_token", tokenizer.pad_id)):
-        if token_id is not None and token_id < tokenizer.vocab_size:
-            out[name] = tokenizer._tk.id_to_token(token_id)
-    return out
-
-
-def hf_config(cfg: Config, tokenizer: Tokenizer, payload: dict, meta: dict, num_parameters: int) -> dict[str, Any]:
+def hf_config(cfg: Config, tokenizer: Tokenizer, meta: dict[str, Any], num_parameters: int) -> dict[str, Any]:
+    """config.json: the fields transformers' MdlmAtatConfig reads (hf/configuration_mdlm_atat.py), and ours."""
     m = cfg.model
+    step = meta["step"]  # None: unknown (a release without it, `atat import`)
+    info = {"format_version": FORMAT_VERSION, "version": __version__, "step": None if step is None else int(step)}
+    if "tokens_seen" in meta:
+        info["tokens_seen"] = meta["tokens_seen"]
+    info.update({"config_hash": meta["config_hash"], "weights": meta["weights"], "config": cfg.to_dict()})
     return {
         "model_type": "mdlm-atat-dit",
-        "architectures": ["ARDiT" if m.name == "ar" else "DiT"],
+        "architectures": ["MdlmAtatForMaskedLM"],
+        "auto_map": AUTO_MAP,
         "is_diffusion_model": m.name != "ar",
         "hidden_size": m.hidden_dim,
         "num_hidden_layers": m.num_layers,
         "num_attention_heads": m.num_heads,
         "cond_dim": m.cond_dim,
         "mlp_ratio": m.mlp_ratio,
+        "dropout": m.dropout,
         "time_conditioning": m.time_conditioning,
+        "schedule": cfg.diffusion.schedule,  # alpha(t); a time-conditioned model sees sigma(t) = -log(1 - alpha(t))
+        "schedule_eps": cfg.diffusion.eps,
         "max_position_embeddings": cfg.data.max_length,
         "vocab_size": tokenizer.num_tokens,  # embedding rows: the tokenizer's ids plus any appended MASK / PAD
         "tokenizer_vocab_size": tokenizer.vocab_size,
@@ -176,15 +192,7 @@ def hf_config(cfg: Config, tokenizer: Tokenizer, payload: dict, meta: dict, num_
         "pad_token_id": tokenizer.pad_id,
         "num_parameters": num_parameters,
         "torch_dtype": "float32",
-        "mdlm_atat": {
-            "format_version": FORMAT_VERSION,
-            "version": __version__,
-            "step": int(meta["step"]),
-            "tokens_seen": payload["state"]["samples_seen"] * cfg.data.max_length,
-            "config_hash": meta["config_hash"],
-            "weights": meta["weights"],
-            "config": payload["config"],
-        },
+        "mdlm_atat": info,
     }
 
 
@@ -232,7 +240,10 @@ def collect_evaluations(
     return list(unique.values())
 
 
-def model_card(cfg: Config, tokenizer: Tokenizer, meta: dict, num_parameters: int, evaluations: list, name: str) -> str:
+def model_card(
+    cfg: Config, tokenizer: Tokenizer, meta: dict, num_parameters: int, evaluations: list, name: str,
+    origin: str | None = None,
+) -> str:
     is_ar = cfg.model.name == "ar"
     method = ("an autoregressive baseline (causal DiT, next-token loss)" if is_ar else
               f"ATAT (importance {cfg.atat.importance_mode}, masking {cfg.atat.masking}, beta0 {cfg.atat.beta0}, "
@@ -247,14 +258,14 @@ def model_card(cfg: Config, tokenizer: Tokenizer, meta: dict, num_parameters: in
         "",
         f"# {name}",
         "",
-        f"A {what} trained with mdlm-atat {__version__}: {method}.",
+        origin or f"A {what} trained with mdlm-atat {__version__}: {method}.",
         "",
         "| | |",
         "| --- | --- |",
         f"| denoiser | DiT, {cfg.model.hidden_dim} wide, {cfg.model.num_layers} blocks, {cfg.model.num_heads} heads, "
         f"{num_parameters:,} parameters |",
-        f"| weights | {'EMA (as evaluation and sampling use)' if meta['weights'] == 'ema' else 'raw (not the EMA)'}, "
-        f"step {meta['step']}, config hash {meta['config_hash']} |",
+        f"| weights | {WEIGHTS.get(meta['weights'], meta['weights'])}, "
+        f"step {'unknown' if meta['step'] is None else meta['step']}, config hash {meta['config_hash']} |",
         f"| tokenizer | {tokenizer.name}: {tokenizer.vocab_size:,} tokens; MASK id {tokenizer.mask_id}, "
         f"BOS {tokenizer.bos_id}, EOS {tokenizer.eos_id}, PAD {tokenizer.pad_id} |",
         f"| data | {cfg.data.dataset_name}, {cfg.data.framing} framing, L = {cfg.data.max_length} |",
@@ -264,8 +275,10 @@ def model_card(cfg: Config, tokenizer: Tokenizer, meta: dict, num_parameters: in
     ]
     if evaluations:
         lines += [
-            "MDLM's NELBO under uniform masking (an upper bound on the NLL; PPL = exp(NELBO) bounds perplexity)."
-            if not is_ar else "Exact NLL (autoregressive).",
+            "MDLM's NELBO under uniform masking, in nats per token: an upper bound on the negative log-likelihood, "
+            "whatever the masking the model was trained with, so PPL = exp(NELBO) is an upper bound on perplexity, "
+            "comparable with the MDLM paper's; +- is the standard error over sequences."
+            if not is_ar else "Exact NLL (autoregressive), nats per token; PPL = exp(NLL).",
             "",
             f"| dataset | split | {'NLL' if is_ar else 'NELBO'} (nats/token) | PPL | tokens | step | source |",
             "| --- | --- | --- | --- | --- | --- | --- |",
@@ -290,7 +303,9 @@ def model_card(cfg: Config, tokenizer: Tokenizer, meta: dict, num_parameters: in
         "`model.safetensors` loads into `mdlm_atat.models.build_model(cfg.model, num_tokens)` with the config in "
         "`config.json` (`mdlm_atat.config`); `mdlm_atat.eval.run.load_for_inference(FOLDER)` does both.",
         "",
-        "## Training config",
+        *transformers_usage(cfg, tokenizer, name),
+        "",
+        f"## {'Config' if origin else 'Training config'}",
         "",
         "```yaml",
         cfg.to_yaml().rstrip(),
@@ -298,6 +313,54 @@ def model_card(cfg: Config, tokenizer: Tokenizer, meta: dict, num_parameters: in
         "",
     ]
     return "\n".join(lines)
+
+
+def transformers_usage(cfg: Config, tokenizer: Tokenizer, name: str) -> list[str]:
+    """The model card's "Load with transformers" section: code that runs as written, and what the logits are."""
+    if cfg.model.name == "ar":
+        predict = [
+            'ids = tokenizer("The capital of France is", return_tensors="pt").input_ids',
+            "logits = model(ids).logits  # (B, L, vocab_size); causal: position i scores token i + 1",
+            "logits[..., tokenizer.mask_token_id] = -torch.inf  # the MASK row is unused",
+            "print(tokenizer.decode(logits[0, -1].argmax()))",
+        ]
+        meaning = "This is the autoregressive baseline: the same DiT with causal attention."
+    else:
+        predict = [
+            'ids = tokenizer("The capital of France is Paris.", return_tensors="pt").input_ids',
+            "x_t = ids.clone()",
+            "x_t[:, 4:6] = tokenizer.mask_token_id  # the positions to predict",
+            "logits = model(x_t).logits  # (B, L, vocab_size): the denoiser's raw output",
+            "logits[..., tokenizer.mask_token_id] = -torch.inf  # SUBS: MASK is never predicted",
+            "print(tokenizer.decode(logits[0, 4:6].argmax(-1)))",
+        ]
+        meaning = (
+            "Under MDLM's SUBS parameterisation p(x0 | x_t) at a masked position is the softmax of these logits "
+            "without MASK, and a position that is not masked keeps its token; `atat sample` implements the "
+            "samplers. "
+            + ("The model is not time-conditioned (MDLM's default): it needs no noise level."
+               if not cfg.model.time_conditioning else
+               f"The model is time-conditioned: pass `noise_level` (B,) = -log(1 - alpha(t)), with alpha(t) = "
+               f"{ALPHA[cfg.diffusion.schedule].format(eps=cfg.diffusion.eps)} the masking rate of x_t "
+               f"({cfg.diffusion.schedule} schedule).")
+        )
+    pad = ("PAD is EOS (the model was trained on packed blocks, without padding)" if tokenizer.pad_id is None
+           else f"PAD is id {tokenizer.pad_id}")
+    return [
+        "## Load with transformers",
+        "",
+        "```python",
+        "import torch",
+        "from transformers import AutoModelForMaskedLM, AutoTokenizer",
+        "",
+        f'model = AutoModelForMaskedLM.from_pretrained("{name}", trust_remote_code=True)  # the code in this folder',
+        f'tokenizer = AutoTokenizer.from_pretrained("{name}", trust_remote_code=True)  # else transformers 5 asks',
+        *predict,
+        "```",
+        "",
+        f"MASK is id {tokenizer.mask_id}; {pad}. The logits are the ones `atat` computes (the same float32 operations; "
+        f"the last bits can differ with the weights' memory layout). {meaning}",
+    ]
 
 
 def load_export(
@@ -308,6 +371,11 @@ def load_export(
     folder = Path(folder)
     try:
         config = json.loads((folder / "config.json").read_text())
+        if config.get("model_type") == "mdlm":
+            raise CheckpointError(
+                f"{folder}: MDLM's released checkpoint (model_type mdlm), not an atat export; convert it once with "
+                f"`atat import --mdlm {folder} --out {folder.name}-atat` and pass that folder"
+            )
         info = config["mdlm_atat"]
         tok_info = json.loads((folder / "tokenizer_config.json").read_text())["mdlm_atat"]
         backend = (folder / "tokenizer.json").read_text()
@@ -316,7 +384,7 @@ def load_export(
     if not use_ema and info["weights"] == "ema":
         raise ConfigError(f"--no-ema: {folder} holds the EMA weights only; export with --no-ema for the raw ones")
     cfg = from_dict(info["config"])
-    tokenizer = Tokenizer.from_json(json.dumps({**tok_info, "backend": backend}))
+    tokenizer = Tokenizer.from_json(json.dumps({**tok_info, "backend": atat_backend(backend, tok_info)}))
     model = build_model(cfg.model, tokenizer.num_tokens)
     try:
         model.load_state_dict(load_file(str(folder / "model.safetensors")))

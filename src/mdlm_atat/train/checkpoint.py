@@ -177,6 +177,11 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         # weights_only: a checkpoint is data, never code; our payload is tensors, dicts, lists and numbers.
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
+        if path.suffix == ".ckpt":  # most likely a Lightning checkpoint of MDLM's training (mdlm_import.py)
+            raise CheckpointError(
+                f"{path}: not an atat checkpoint (a pickle of other classes); a Lightning .ckpt of MDLM's training "
+                f"is converted once with `atat import --mdlm {path} --out DIR`"
+            ) from None
         # Not torch's own message: it advises weights_only=False, which runs whatever code the file holds.
         raise CheckpointError(
             f"{path}: not a readable checkpoint (not a torch file of tensors and plain data: text, a pickled object "
