@@ -80,10 +80,10 @@ from mdlm_atat.diffusion.atat import AtatTraining
 from mdlm_atat.diffusion.objective import MaskedDiffusionObjective
 from mdlm_atat.diffusion.schedule import LogLinearSchedule
 from mdlm_atat.models.dit import DiT, count_parameters
+from mdlm_atat.run import build_estimator
 from mdlm_atat.runtime import autocast_for, precision_name
 from mdlm_atat.train import distributed
 from mdlm_atat.train.optim import build_ema, build_optimizer
-from mdlm_atat.train.trainer import build_estimator
 from mdlm_atat.viz.report import read_metrics
 from common import fmt, print_table, repo_relative, synchronize  # noqa: E402 (benchmarks/ is on sys.path when run as a script)
 

@@ -30,17 +30,10 @@ from mdlm_atat import __version__
 from mdlm_atat.config import Config, ConfigError, from_dict
 from mdlm_atat.data.tokenizers import Tokenizer
 from mdlm_atat.models import build_model, count_parameters
+from mdlm_atat.run import safetensors
 from mdlm_atat.train.checkpoint import CheckpointError, is_export_dir, load_run_checkpoint, resolve_checkpoint
 
 FORMAT_VERSION = 1
-
-
-def _safetensors():
-    try:
-        from safetensors.torch import load_file, save_file
-    except ImportError:
-        raise CheckpointError("exported folders use safetensors: pip install safetensors") from None
-    return load_file, save_file
 
 
 def export_checkpoint(
@@ -51,7 +44,7 @@ def export_checkpoint(
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Write the export folder; returns a summary (paths, step, evaluation entries in the card)."""
-    _, save_file = _safetensors()
+    _, save_file = safetensors()
     path = resolve_checkpoint(checkpoint)
     if is_export_dir(path):
         raise CheckpointError(f"{path}: already an exported folder; export a .pt checkpoint or a run folder")
@@ -298,32 +291,3 @@ def model_card(cfg: Config, tokenizer: Tokenizer, meta: dict, num_parameters: in
         "",
     ]
     return "\n".join(lines)
-
-
-def load_export(
-    folder: str | Path, use_ema: bool = True, device: torch.device | str = "cpu"
-) -> tuple[torch.nn.Module, Config, Tokenizer, dict[str, Any]]:
-    """(model in eval mode, config, tokenizer, metadata) from an exported folder, as `load_for_inference` returns."""
-    load_file, _ = _safetensors()
-    folder = Path(folder)
-    try:
-        config = json.loads((folder / "config.json").read_text())
-        info = config["mdlm_atat"]
-        tok_info = json.loads((folder / "tokenizer_config.json").read_text())["mdlm_atat"]
-        backend = (folder / "tokenizer.json").read_text()
-    except (OSError, KeyError, json.JSONDecodeError, TypeError) as err:
-        raise CheckpointError(f"{folder}: not a complete atat export folder ({type(err).__name__}: {err})") from None
-    if not use_ema and info["weights"] == "ema":
-        raise ConfigError(f"--no-ema: {folder} holds the EMA weights only; export with --no-ema for the raw ones")
-    cfg = from_dict(info["config"])
-    tokenizer = Tokenizer.from_json(json.dumps({**tok_info, "backend": backend}))
-    model = build_model(cfg.model, tokenizer.num_tokens)
-    try:
-        model.load_state_dict(load_file(str(folder / "model.safetensors")))
-    except Exception as err:  # noqa: BLE001 - a damaged or mismatched file means the same to the user
-        raise CheckpointError(f"{folder / 'model.safetensors'}: cannot load ({type(err).__name__}: {err})") from None
-    model.to(device).eval()
-    meta = {"step": info["step"], "config_hash": info["config_hash"], "weights": info["weights"]}
-    if "tokens_seen" in info:  # folders exported before it was recorded lack it
-        meta["tokens_seen"] = info["tokens_seen"]
-    return model, cfg, tokenizer, meta

@@ -11,60 +11,16 @@ from typing import Any
 
 import torch
 
-from mdlm_atat.config import Config, ConfigError, from_dict
+from mdlm_atat.config import Config, ConfigError
 from mdlm_atat.data.loader import eval_batches
 from mdlm_atat.data.sources import DataError, with_split_fix
 from mdlm_atat.data.store import prepare_split
 from mdlm_atat.data.tokenizers import Tokenizer
 from mdlm_atat.eval.likelihood import evaluate_bound
-from mdlm_atat.models import build_model
 from mdlm_atat.progress import progress_bar
 from mdlm_atat.runtime import autocast_for, precision_name, resolve_device
-from mdlm_atat.train.checkpoint import is_export_dir, load_run_checkpoint, resolve_checkpoint
-from mdlm_atat.train.trainer import build_estimator, make_objective
+from mdlm_atat.run import load_for_inference, make_objective, resolve_checkpoint
 
-
-def load_for_inference(
-    checkpoint: str | Path, use_ema: bool = True, device: torch.device | str = "cpu", with_estimator: bool = False
-) -> tuple[torch.nn.Module, Config, Tokenizer, dict[str, Any]]:
-    """(model in eval mode, config, tokenizer, the checkpoint's metadata) from a .pt file, a run folder or an
-    `atat export` folder. With `with_estimator`, the metadata's "estimator" is ATAT's importance estimator saved
-    with the weights, in eval mode, or None for a run without one (the MDLM baseline)."""
-    if is_export_dir(checkpoint):
-        from mdlm_atat.export import load_export
-
-        model, cfg, tokenizer, meta = load_export(checkpoint, use_ema=use_ema, device=device)
-        if with_estimator:
-            from safetensors.torch import load_file
-
-            file = Path(checkpoint) / "estimator.safetensors"
-            meta["estimator"] = _estimator(cfg, tokenizer, load_file(str(file)) if file.is_file() else None, device)
-        return model, cfg, tokenizer, meta
-    payload = load_run_checkpoint(checkpoint)
-    cfg = from_dict(payload["config"])
-    tokenizer = Tokenizer.from_json(payload["tokenizer"])
-    model = build_model(cfg.model, tokenizer.num_tokens)
-    weights = payload["ema"] if use_ema and payload.get("ema") is not None else payload["model"]
-    model.load_state_dict(weights)
-    model.to(device).eval()
-    meta = {
-        "step": payload["state"]["step"],
-        "tokens_seen": payload["state"]["samples_seen"] * cfg.data.max_length,
-        "config_hash": payload["config_hash"],
-        "weights": "ema" if weights is payload.get("ema") else "raw",
-    }
-    if with_estimator:  # from the payload already read: a checkpoint with its optimiser is GBs at real sizes
-        meta["estimator"] = _estimator(cfg, tokenizer, payload.get("estimator"), device)
-    return model, cfg, tokenizer, meta
-
-
-def _estimator(cfg: Config, tokenizer: Tokenizer, state: dict | None, device: torch.device | str):
-    """The importance estimator from its saved state (buffers included), in eval mode; None without one."""
-    estimator = build_estimator(cfg, tokenizer.num_tokens, None) if state else None
-    if estimator is None:
-        return None
-    estimator.load_state_dict(state)
-    return estimator.to(device).eval()
 
 
 def evaluate_checkpoint(

@@ -27,14 +27,12 @@ from mdlm_atat.config import Config, ConfigError, advisories
 from mdlm_atat.data.loader import attention_mask, eval_batches, train_batches
 from mdlm_atat.data.tokenizers import Tokenizer
 from mdlm_atat.diffusion.atat import AtatTraining
-from mdlm_atat.diffusion.objective import MaskedDiffusionObjective
-from mdlm_atat.diffusion.schedule import build_schedule
 from mdlm_atat.eval.diagnostics import importance_diagnostics, masking_profile, stage_betas
 from mdlm_atat.eval.likelihood import BoundResult, evaluate_bound
 from mdlm_atat.models import build_model, count_parameters
-from mdlm_atat.models.importance import ImportanceEstimator, unigram_surprisal
 from mdlm_atat.pipeline import build_run_data
 from mdlm_atat.progress import progress_bar
+from mdlm_atat.run import build_estimator, make_objective, method_name
 from mdlm_atat.runtime import autocast_for, precision_name
 from mdlm_atat.train import distributed
 from mdlm_atat.train.checkpoint import (
@@ -63,33 +61,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def make_objective(cfg: Config, tokenizer: Tokenizer) -> MaskedDiffusionObjective:
-    if cfg.model.name == "ar":  # the AR baseline: same loop, next-token NLL (models/ar.py)
-        from mdlm_atat.diffusion.objective import NextTokenObjective
-
-        return NextTokenObjective(tokenizer.mask_id)
-    schedule = build_schedule(cfg.diffusion.schedule, cfg.diffusion.eps)
-    # The DiT fuses its output projection with the SUBS loss: no (M, V) logits (diffusion/fused_loss.py).
-    return MaskedDiffusionObjective(
-        schedule, tokenizer.mask_id, cfg.diffusion.antithetic, fused=True, mask_padding=cfg.diffusion.mask_padding
-    )
-
-
-def method_name(cfg: Config) -> str:
-    """What the run trains, as metrics.jsonl, the report and the console name it."""
-    if cfg.model.name == "ar":
-        return "ar (autoregressive baseline: causal DiT, next-token loss)"
-    return f"atat ({cfg.atat.importance_mode}, {cfg.atat.masking})" if cfg.atat.enabled else "mdlm"
-
-
-def build_estimator(cfg: Config, num_tokens: int, unigram_counts) -> ImportanceEstimator | None:
-    """ATAT's importance estimator with the training split's unigram surprisal, or None for the MDLM baseline."""
-    if not cfg.atat.enabled:
-        return None
-    surprisal = unigram_surprisal(unigram_counts, num_tokens) if unigram_counts is not None else None
-    return ImportanceEstimator(cfg.atat, num_tokens, surprisal)
 
 
 def train(
