@@ -15,6 +15,7 @@ import time
 import pytest
 import torch
 
+import mdlm_atat.run as run_module
 import mdlm_atat.train.trainer as trainer_module
 from mdlm_atat.cli import main
 from mdlm_atat.config import ConfigError, load_config
@@ -245,7 +246,7 @@ def test_unwritable_cache_or_log_dir_is_one_line(tiny_config, tmp_path):
 
 def poison_training_steps(monkeypatch, bad_steps):
     """Make the loss NaN in the training forwards of the given steps (1-based); evaluation stays clean."""
-    make_objective = trainer_module.make_objective
+    make_objective = run_module.make_objective  # the run's objective (Run.build)
     calls = {"n": 0}
 
     def make(cfg, tokenizer):
@@ -267,7 +268,7 @@ def poison_training_steps(monkeypatch, bad_steps):
         objective.__class__ = Poisoned
         return objective
 
-    monkeypatch.setattr(trainer_module, "make_objective", make)
+    monkeypatch.setattr(run_module, "make_objective", make)
 
 
 def test_a_nonfinite_step_is_skipped_counted_and_logged(tiny_config, tmp_path, monkeypatch):

@@ -94,8 +94,8 @@ def test_evaluate_checkpoint_uses_ema_and_reports_provenance(tiny_config, tmp_pa
     assert result == evaluate_checkpoint(ckpt, max_batches=2, device="cpu")  # deterministic
     raw = evaluate_checkpoint(ckpt, max_batches=2, device="cpu", use_ema=False)
     assert raw["weights"] == "raw" and raw["nelbo"] != result["nelbo"]
-    model, cfg, tokenizer, meta = load_for_inference(ckpt)
-    assert not model.training and meta["config_hash"] == cfg.hash()
+    loaded = load_for_inference(ckpt)
+    assert not loaded.model.training and loaded.config_hash == loaded.cfg.hash()
 
 
 def test_padded_framing_trains_and_never_counts_padding(tiny_config, tmp_path):

@@ -11,15 +11,14 @@ from typing import Any
 
 import torch
 
-from mdlm_atat.config import Config, ConfigError
+from mdlm_atat.config import ConfigError
 from mdlm_atat.data.loader import eval_batches
 from mdlm_atat.data.sources import DataError, with_split_fix
 from mdlm_atat.data.store import prepare_split
-from mdlm_atat.data.tokenizers import Tokenizer
 from mdlm_atat.eval.likelihood import evaluate_bound
 from mdlm_atat.progress import progress_bar
 from mdlm_atat.runtime import autocast_for, precision_name, resolve_device
-from mdlm_atat.run import load_for_inference, make_objective, resolve_checkpoint
+from mdlm_atat.run import LoadedModel, load_for_inference, make_objective, resolve_checkpoint
 
 
 
@@ -97,7 +96,7 @@ def _check_counts(num_t: int | None, batch_size: int | None, max_batches: int) -
 
 
 def _evaluate_loaded(
-    loaded: tuple[torch.nn.Module, Config, Tokenizer, dict[str, Any]],
+    loaded: LoadedModel,
     path: Path,
     torch_device: torch.device,
     dataset: str | None,
@@ -110,12 +109,11 @@ def _evaluate_loaded(
     position: str = "",
     cache: bool = True,
 ) -> dict[str, Any]:
-    model, cfg, tokenizer, meta = loaded
+    cfg, tokenizer = loaded.cfg, loaded.tokenizer
     data_cfg = cfg.data if dataset is None else dataclasses.replace(cfg.data, dataset_name=dataset)
     split = split or data_cfg.val_split
     batch_size = data_cfg.batch_size if batch_size is None else batch_size
     num_t = cfg.diffusion.eval_num_t if num_t is None else num_t
-    is_ar = cfg.model.name == "ar"
     with contextlib.ExitStack() as stack:
         if not cache:  # --no-cache: the tokenized copy lives in a temporary folder, removed once scored
             temporary = stack.enter_context(tempfile.TemporaryDirectory(prefix="atat-eval-"))
@@ -126,7 +124,7 @@ def _evaluate_loaded(
             raise with_split_fix(err, "pass --split (or NAME:SPLIT in --datasets) with one of them") from None
         num_batches = min(-(-len(store.blocks) // batch_size), max_batches or math.inf)
         result = evaluate_bound(
-            model,
+            loaded.model,
             make_objective(cfg, tokenizer),
             progress_bar(  # on a terminal: one bar per dataset, batch by batch
                 eval_batches(store.blocks, batch_size, max_batches=max_batches), total=num_batches, unit="batch",
@@ -142,10 +140,10 @@ def _evaluate_loaded(
     L = data_cfg.max_length
     return {
         **result.to_dict(),
-        "step": meta["step"],
-        "tokens_seen": meta.get("tokens_seen"),  # training tokens behind these weights (not in an export)
-        "config_hash": meta["config_hash"],
-        "weights": meta["weights"],
+        "step": loaded.step,
+        "tokens_seen": loaded.tokens_seen,  # training tokens behind these weights (not in an older export)
+        "config_hash": loaded.config_hash,
+        "weights": loaded.weights,
         "checkpoint": str(path),
         "dataset": data_cfg.dataset_name,
         "split": split,
@@ -159,7 +157,7 @@ def _evaluate_loaded(
         "objective": (
             "exact NLL: autoregressive next-token loss, causal DiT; each block's first token (BOS) is context, "
             "the other L - 1 are counted"
-            if is_ar
+            if loaded.is_ar
             else "MDLM NELBO, uniform masking, log-linear schedule, continuous time"
         ),
     }

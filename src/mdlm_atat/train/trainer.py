@@ -16,7 +16,7 @@ import math
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -24,37 +24,22 @@ import numpy as np
 import torch
 
 from mdlm_atat.config import Config, ConfigError, advisories
-from mdlm_atat.data.loader import attention_mask, eval_batches, train_batches
+from mdlm_atat.data.loader import eval_batches, train_batches
 from mdlm_atat.data.tokenizers import Tokenizer
-from mdlm_atat.diffusion.atat import AtatTraining
 from mdlm_atat.eval.diagnostics import importance_diagnostics, masking_profile, stage_betas
 from mdlm_atat.eval.likelihood import BoundResult, evaluate_bound
 from mdlm_atat.models import build_model, count_parameters
 from mdlm_atat.pipeline import build_run_data
 from mdlm_atat.progress import progress_bar
-from mdlm_atat.run import build_estimator, make_objective, method_name
+from mdlm_atat.run import Run, method_name
 from mdlm_atat.runtime import autocast_for, precision_name
 from mdlm_atat.train import distributed
 from mdlm_atat.train.checkpoint import (
-    RunDirError, checkpoint_dir, has_checkpoint, load_resume_checkpoint, rng_state, save_checkpoint, set_rng_state,
+    RunDirError, checkpoint_dir, has_checkpoint, load_resume_checkpoint, rng_state, save_checkpoint,
 )
 from mdlm_atat.train.faults import GracefulStop, NonFiniteGuard, check_writable
 from mdlm_atat.train.metrics import MetricsLog, build_sinks, note
-from mdlm_atat.train.optim import build_ema, build_optimizer, build_scheduler
 from mdlm_atat.train.rundir import RunLock, check_new_run_dir, check_resume_config, trim_metrics
-
-
-@dataclass
-class TrainState:
-    step: int = 0  # optimiser steps taken
-    samples_seen: int = 0  # training sequences consumed: the data position
-    best_val_nelbo: float = math.inf
-    nonfinite_steps: int = 0  # updates skipped for a NaN/inf loss or gradient (train/faults.py)
-    nonfinite_in_a_row: int = 0
-    # The log window in progress (what the next logged loss averages): saved, so a run resumed mid-window logs
-    # the numbers the uninterrupted run logs. The sum is the mean over ranks (float32, stored exactly).
-    log_loss_sum: float = 0.0
-    log_applied_steps: int = 0
 
 
 def seed_everything(seed: int) -> None:
@@ -153,44 +138,15 @@ def _train_locked(
     if dist_env.is_main:
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
 
-    model = build_model(cfg.model, data.tokenizer.num_tokens).to(device)
+    run = Run.build(cfg, data.tokenizer, dist_env, data.train.unigram_counts, resume_from=payload)
+    model, estimator, ema, objective, atat, state = run.model, run.estimator, run.ema, run.objective, run.atat, run.state
+    optimizer, scheduler = run.optimizer, run.scheduler
     if dist_env.is_main:
         _note_cpu_cost(model, device, cfg)
-    objective = make_objective(cfg, data.tokenizer)
-    estimator = build_estimator(cfg, data.tokenizer.num_tokens, data.train.unigram_counts)
-    if estimator is not None:
-        estimator.to(device)
-    ema = build_ema(model, tc.ema_decay)
-    state = TrainState()
-    if payload is not None:  # consolidated weights, loaded into the plain modules before sharding: any world size
-        model.load_state_dict(payload["model"])
-        if estimator is not None:
-            estimator.load_state_dict(payload["estimator"])
-        if ema is not None:
-            ema.module.load_state_dict(payload["ema"])
-            ema.num_updates = int(payload["ema_num_updates"])
-        state = TrainState(**payload["state"])
-        set_rng_state(payload["rng"])
-    # compile, then DDP / FSDP2 (train/distributed.py). `model` and `estimator` stay the modules whose state is
-    # saved (no `_orig_mod.`, no `module.`); `parallel.model` and `parallel.estimator` are what the step calls.
-    parallel = distributed.parallelize(model, estimator, ema.module if ema is not None else None, tc, dist_env)
-    atat = None
-    extra_groups = []
-    if estimator is not None:
-        atat = AtatTraining(cfg, estimator, forward=parallel.estimator)
-        if estimator.learned:  # its own group and LR; no weight decay
-            extra_groups.append(
-                {"params": list(estimator.parameters()), "lr": cfg.atat.estimator_learning_rate, "weight_decay": 0.0}
-            )
-    optimizer = build_optimizer(model, tc, device, extra_groups)  # after sharding: FSDP2 replaces the parameters
-    scheduler = build_scheduler(optimizer, tc)
-    if payload is not None:
-        distributed.load_full_optimizer_state_dict(optimizer, payload["optimizer"])
-        scheduler.load_state_dict(payload["scheduler"])
 
     end_step = tc.total_steps if max_steps is None else min(max_steps, tc.total_steps)
     batch_size, accum = cfg.data.batch_size, tc.gradient_accumulation_steps
-    global_batch = batch_size * dist_env.world_size * accum  # sequences per optimiser step, all ranks together
+    global_batch = run.global_batch  # sequences per optimiser step, all ranks together
     tokens_per_step = global_batch * cfg.data.max_length
     batches = train_batches(  # this rank's disjoint share of each global batch
         data.train_blocks, batch_size, seed=tc.seed, start_sample=state.samples_seen, rank=dist_env.rank,
@@ -223,7 +179,7 @@ def _train_locked(
             "train_blocks": len(data.train_blocks),
             "val_blocks": len(data.val_blocks),
             "world_size": dist_env.world_size,
-            "strategy": parallel.strategy,
+            "strategy": run.parallel.strategy,
             "batch_size_per_device": batch_size,
             "gradient_accumulation_steps": accum,
             "global_batch_size": global_batch,
@@ -326,7 +282,6 @@ def _train_locked(
         total=end_step, initial=state.step, desc="train", unit="step", dynamic_ncols=True, mininterval=1.0,
         disable=not dist_env.is_main,
     )
-    draw_generator = torch.Generator(device=device)
     guard = NonFiniteGuard(tc.max_nonfinite_steps, metrics, last_path)
     stop = GracefulStop().install()  # SIGTERM / SIGINT: finish the step, save, return (train/faults.py)
     stopped = None
@@ -334,54 +289,13 @@ def _train_locked(
     model.train()
     try:
         while state.step < end_step:
-            # t (antithetic over the whole global batch) and the masks' uniforms are functions of (seed, step):
-            # every rank draws the global batch's and takes its rows, so any world size corrupts sample k alike.
-            distributed.seed_step_dropout(tc.seed, state.step, dist_env.rank)
-            t_all, noise_all = distributed.step_draws(
-                objective, tc.seed, state.step, global_batch, cfg.data.max_length, device, draw_generator
-            )  # (global_batch,), (global_batch, L)
             regular_log = (state.step + 1) % tc.log_every_n_steps == 0 or state.step == 0
             log_now = regular_log or state.step + 1 == end_step
-            step_loss = torch.zeros((), device=device)  # denoiser + estimator: what the guard checks
-            step_nelbo = torch.zeros((), device=device)  # the denoiser's alone: what is logged
-            for micro in range(accum):
-                x0 = next(batches).to(device, non_blocking=True)  # (B, L)
-                real = attention_mask(x0, data.tokenizer, cfg.data.framing)  # None when packed: all real
-                rows = distributed.local_rows(micro, dist_env, batch_size)
-                t, noise = t_all[rows], noise_all[rows]  # (B,), (B, L)
-                with parallel.gradient_sync(micro == accum - 1):  # reduce gradients in the last micro-step only
-                    with autocast:
-                        if atat is None:
-                            terms = objective(parallel.model, x0, t=t, attention_mask=real, uniform_noise=noise)
-                            loss = terms.loss
-                        else:
-                            atat_step = atat(
-                                objective, parallel.model, x0, t, state.step, real, with_stats=log_now,
-                                uniform_noise=noise, row_offset=rows.start,
-                            )
-                            terms = atat_step.terms
-                            loss = terms.loss + atat_step.estimator_loss  # disjoint parameters: stop-gradient
-                    (loss / accum).backward()
-                step_loss += loss.detach() / accum
-                step_nelbo += terms.loss.detach() / accum
-            max_norm = tc.grad_clip if tc.grad_clip > 0 else math.inf
-            grad_norm = distributed.clip_grad_norm_(list(model.parameters()), max_norm)
-            estimator_norm = torch.zeros((), device=device)
-            if estimator is not None and estimator.learned:
-                estimator_norm = torch.nn.utils.clip_grad_norm_(estimator.parameters(), max_norm)  # its own budget
-            # A NaN/inf loss or gradient skips the update (no optimiser or EMA step; the step still counts): one
-            # host sync per step to decide.
-            loss_value, norm_value = torch.stack([step_loss, grad_norm + estimator_norm]).tolist()
-            if guard.check(state, loss_value, norm_value, dist_env):
-                optimizer.step()
-                if ema is not None:
-                    ema.update_parameters(model)
-                loss_sum += step_nelbo
+            step = run.train_step(batches, autocast, guard=guard, with_stats=log_now)
+            if step.applied:
+                loss_sum += step.nelbo
                 applied_since_log += 1
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            state.step += 1
-            state.samples_seen += global_batch
+            grad_norm, atat_step = step.grad_norm, step.atat
             steps_since_log += 1
             progress.update(1)
 
@@ -403,7 +317,7 @@ def _train_locked(
                         "tokens_seen": state.samples_seen * cfg.data.max_length,
                         "tokens_per_s": steps_since_log * tokens_per_step / elapsed,
                         "tokens_per_s_per_device": steps_since_log * tokens_per_step / elapsed / dist_env.world_size,
-                        **(_atat_record(atat_step) if atat is not None else {}),
+                        **(_atat_record(atat_step) if atat_step is not None else {}),
                         **({"nonfinite_steps": state.nonfinite_steps} if state.nonfinite_steps else {}),
                     }
                 )
