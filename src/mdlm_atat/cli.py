@@ -247,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from mdlm_atat.train.checkpoint import CheckpointError, has_checkpoint, load_resume_checkpoint
+    from mdlm_atat.run import read_resume_checkpoint
+    from mdlm_atat.train.checkpoint import CheckpointError, has_checkpoint
     from mdlm_atat.train.distributed import is_main_process, rank0_value
     from mdlm_atat.train.trainer import train
 
@@ -260,12 +261,12 @@ def run_train(args: argparse.Namespace) -> int:
         # pre-emption picks up where the run stopped.
         if not resumable:
             raise CheckpointError(f"{run_dir}: no checkpoints/last.pt to resume from; pass --config to start it")
-        payload, _ = load_resume_checkpoint(run_dir)  # falls back to last.prev.pt when last.pt is unreadable
+        # Read once: the trainer continues from this checkpoint (falls back to last.prev.pt when last.pt is unreadable).
+        checkpoint = read_resume_checkpoint(run_dir)
         if args.config is not None:
             print(f"note: continuing {run_dir} with its saved config; --config {args.config} is not read", file=sys.stderr)
-        cfg = from_dict(apply_overrides(payload["config"], args.overrides))
-        del payload
-        summary = train(cfg, run_dir, resume=True, max_steps=args.max_steps)
+        cfg = from_dict(apply_overrides(checkpoint[0].config, args.overrides))
+        summary = train(cfg, run_dir, resume=True, max_steps=args.max_steps, checkpoint=checkpoint)
     else:
         if args.config is None:
             raise ConfigError("--config: required to start a run, e.g. atat train --config configs/atat/quickstart.yaml")

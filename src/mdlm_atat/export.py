@@ -27,11 +27,11 @@ from typing import Any
 import torch
 
 from mdlm_atat import __version__
-from mdlm_atat.config import Config, ConfigError, from_dict
+from mdlm_atat.config import Config, ConfigError
 from mdlm_atat.data.tokenizers import Tokenizer
 from mdlm_atat.models import build_model, count_parameters
-from mdlm_atat.run import safetensors
-from mdlm_atat.train.checkpoint import CheckpointError, is_export_dir, load_run_checkpoint, resolve_checkpoint
+from mdlm_atat.run import RunCheckpoint, read_checkpoint, safetensors
+from mdlm_atat.train.checkpoint import CheckpointError, is_export_dir, resolve_checkpoint
 
 FORMAT_VERSION = 1
 
@@ -49,24 +49,23 @@ def export_checkpoint(
     if is_export_dir(path):
         raise CheckpointError(f"{path}: already an exported folder; export a .pt checkpoint or a run folder")
     out = _check_out(Path(out_dir), overwrite, path)
-    payload = load_run_checkpoint(path)
-    cfg = from_dict(payload["config"])
-    tokenizer = Tokenizer.from_json(payload["tokenizer"])
-    weights_key = "ema" if use_ema and payload.get("ema") is not None else "model"
-    step = payload["state"]["step"]
-    weights = "ema" if weights_key == "ema" else "raw"
-    meta = {"step": str(step), "config_hash": payload["config_hash"], "weights": weights}
+    saved = read_checkpoint(path)
+    cfg = saved.cfg
+    tokenizer = Tokenizer.from_json(saved.tokenizer)
+    state_dict, weights = saved.weights(use_ema)
+    step = saved.step
+    meta = {"step": str(step), "config_hash": saved.config_hash, "weights": weights}
 
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(_plain(payload[weights_key]), str(tmp / "model.safetensors"), metadata={"format": "pt", **meta})
-    if payload.get("estimator"):
-        save_file(_plain(payload["estimator"]), str(tmp / "estimator.safetensors"), metadata={"format": "pt", **meta})
+    save_file(_plain(state_dict), str(tmp / "model.safetensors"), metadata={"format": "pt", **meta})
+    if saved.estimator:
+        save_file(_plain(saved.estimator), str(tmp / "estimator.safetensors"), metadata={"format": "pt", **meta})
     model = build_model(cfg.model, tokenizer.num_tokens)
     num_parameters = count_parameters(model)
-    (tmp / "config.json").write_text(json.dumps(hf_config(cfg, tokenizer, payload, meta, num_parameters), indent=2))
-    backend = json.loads(payload["tokenizer"])
+    (tmp / "config.json").write_text(json.dumps(hf_config(cfg, tokenizer, saved, meta, num_parameters), indent=2))
+    backend = json.loads(saved.tokenizer)
     (tmp / "tokenizer.json").write_text(backend["backend"])
     specials = _special_tokens(tokenizer)
     (tmp / "special_tokens_map.json").write_text(json.dumps(specials, indent=2))
@@ -79,7 +78,7 @@ def export_checkpoint(
         },
         indent=2,
     ))
-    evaluations = collect_evaluations(path, step, payload["config_hash"], eval_files or [], cfg)
+    evaluations = collect_evaluations(path, step, saved.config_hash, eval_files or [], cfg)
     (tmp / "README.md").write_text(model_card(cfg, tokenizer, meta, num_parameters, evaluations, out.name))
     for file in tmp.iterdir():  # safetensors writes 0600: an export is meant to be shared, as the umask allows
         file.chmod(0o666 & ~_umask())
@@ -144,11 +143,13 @@ def _special_tokens(tokenizer: Tokenizer) -> dict[str, str]:
     for name, token_id in (("bos_token", tokenizer.bos_id), ("eos_token", tokenizer.eos_id),
                            ("mask_token", tokenizer.mask_id), ("pad_token", tokenizer.pad_id)):
         if token_id is not None and token_id < tokenizer.vocab_size:
-            out[name] = tokenizer._tk.id_to_token(token_id)
+            out[name] = tokenizer.id_to_token(token_id)
     return out
 
 
-def hf_config(cfg: Config, tokenizer: Tokenizer, payload: dict, meta: dict, num_parameters: int) -> dict[str, Any]:
+def hf_config(
+    cfg: Config, tokenizer: Tokenizer, saved: RunCheckpoint, meta: dict, num_parameters: int
+) -> dict[str, Any]:
     m = cfg.model
     return {
         "model_type": "mdlm-atat-dit",
@@ -173,10 +174,10 @@ def hf_config(cfg: Config, tokenizer: Tokenizer, payload: dict, meta: dict, num_
             "format_version": FORMAT_VERSION,
             "version": __version__,
             "step": int(meta["step"]),
-            "tokens_seen": payload["state"]["samples_seen"] * cfg.data.max_length,
+            "tokens_seen": saved.tokens_seen,
             "config_hash": meta["config_hash"],
             "weights": meta["weights"],
-            "config": payload["config"],
+            "config": saved.config,
         },
     }
 

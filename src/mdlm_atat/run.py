@@ -7,9 +7,11 @@ training loop in train/trainer.py, sample, export, the benchmarks): importing it
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
-from dataclasses import dataclass, field
+import sys
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Protocol
 
@@ -24,7 +26,9 @@ from mdlm_atat.diffusion.schedule import build_schedule
 from mdlm_atat.models import build_model
 from mdlm_atat.models.importance import ImportanceEstimator, unigram_surprisal
 from mdlm_atat.train import distributed
-from mdlm_atat.train.checkpoint import CheckpointError, is_export_dir, load_run_checkpoint, set_rng_state
+from mdlm_atat.train.checkpoint import (
+    LAST, RESUME_ORDER, CheckpointError, checkpoint_dir, is_export_dir, load_checkpoint, rng_state, set_rng_state,
+)
 from mdlm_atat.train.checkpoint import resolve_checkpoint  # noqa: F401 (the layers above eval/ resolve through here)
 from mdlm_atat.train.optim import ModelEMA, build_ema, build_optimizer, build_scheduler
 
@@ -83,6 +87,139 @@ class TrainState:
     log_applied_steps: int = 0
 
 
+# ----------------------------------------------------------------------------------------------------------
+# The checkpoint: one schema, written by `Run.checkpoint` and read by `read_checkpoint`, nowhere else.
+
+CHECKPOINT_FORMAT = 1  # format_version of what `Run.checkpoint` writes; files from before it was recorded are 1
+
+
+@dataclass
+class RunCheckpoint:
+    """Everything needed to resume exactly (STYLE principle 5): a versioned state dict of plain data and full
+    (consolidated) tensors in the single-process layout, so a run saved at one world size resumes at any other.
+    `to_dict` is what torch.save writes (train/checkpoint.py: atomic, with a sha256 sidecar)."""
+
+    config: dict[str, Any]  # the resolved config (Config.to_dict)
+    config_hash: str
+    state: TrainState  # step, data position, best validation, non-finite counts, the open log window
+    tokenizer: str  # Tokenizer.to_json: the resumed run and inference tokenize with it
+    model: dict[str, torch.Tensor]
+    ema: dict[str, torch.Tensor] | None  # None: training.ema_decay = 0
+    ema_num_updates: int
+    estimator: dict[str, torch.Tensor] | None  # None: the MDLM baseline
+    curriculum: dict[str, Any] | None  # the curriculum state at the step (for readers; recomputed on resume)
+    optimizer: dict[str, Any] | None  # parameters by index, as a single process numbers them; None where not kept
+    scheduler: dict[str, Any]
+    rng: dict[str, Any]
+    world_size: int  # the processes that wrote it
+    format_version: int = CHECKPOINT_FORMAT
+
+    # The keys every checkpoint of atat train has held; the rest are read with defaults where older files lack them.
+    REQUIRED = ("config", "tokenizer", "state", "model")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The payload torch.save writes (keys in the order files have always had)."""
+        return {
+            "format_version": self.format_version,
+            "config": self.config,
+            "config_hash": self.config_hash,
+            "state": asdict(self.state),
+            "world_size": self.world_size,
+            "model": self.model,
+            "estimator": self.estimator,
+            "curriculum": self.curriculum,
+            "ema": self.ema,
+            "ema_num_updates": self.ema_num_updates,
+            "optimizer": self.optimizer,
+            "scheduler": self.scheduler,
+            "rng": self.rng,
+            "tokenizer": self.tokenizer,
+        }
+
+    @classmethod
+    def from_dict(cls, payload: Any, path: Path | str) -> RunCheckpoint:
+        """A loaded payload as the schema; a CheckpointError naming `path` when it is not one atat train wrote (a
+        bare state dict, another project's checkpoint) or one from a newer format."""
+        missing = [key for key in cls.REQUIRED if not isinstance(payload, dict) or key not in payload]
+        if missing:
+            raise CheckpointError(
+                f"{path}: not a checkpoint of atat train (a torch file without "
+                f"{', '.join(repr(k) for k in missing)}); pass RUN/checkpoints/last.pt or best.pt, a run folder or an "
+                "atat export folder"
+            )
+        version = payload.get("format_version", 1)
+        if not isinstance(version, int) or version > CHECKPOINT_FORMAT:
+            raise CheckpointError(
+                f"{path}: checkpoint format {version!r}, newer than this mdlm-atat reads ({CHECKPOINT_FORMAT}); "
+                "upgrade mdlm-atat"
+            )
+        return cls(
+            config=payload["config"],
+            config_hash=payload.get("config_hash") or from_dict(payload["config"]).hash(),
+            state=TrainState(**payload["state"]),
+            tokenizer=payload["tokenizer"],
+            model=payload["model"],
+            ema=payload.get("ema"),
+            ema_num_updates=int(payload.get("ema_num_updates", 0)),
+            estimator=payload.get("estimator"),
+            curriculum=payload.get("curriculum"),
+            optimizer=payload.get("optimizer"),
+            scheduler=payload.get("scheduler"),
+            rng=payload.get("rng"),
+            world_size=int(payload.get("world_size", 1)),
+            format_version=version,
+        )
+
+    @property
+    def cfg(self) -> Config:
+        return from_dict(self.config)
+
+    @property
+    def step(self) -> int:
+        return self.state.step
+
+    @property
+    def tokens_seen(self) -> int:
+        """Training tokens behind these weights."""
+        return self.state.samples_seen * int(self.config["data"]["max_length"])
+
+    def weights(self, use_ema: bool = True) -> tuple[dict[str, torch.Tensor], str]:
+        """(the denoiser's state dict, "ema" | "raw"): the EMA's when asked for and kept, else the raw weights."""
+        if use_ema and self.ema is not None:
+            return self.ema, "ema"
+        return self.model, "raw"
+
+
+def read_checkpoint(path: str | Path) -> RunCheckpoint:
+    """The checkpoint of atat train at `path` (a .pt file or a run folder), verified against its sidecar."""
+    return RunCheckpoint.from_dict(load_checkpoint(path), resolve_checkpoint(path))
+
+
+def read_resume_checkpoint(run_dir: Path) -> tuple[RunCheckpoint, Path]:
+    """(checkpoint, path) of the newest readable checkpoint of a run: last.pt, else last.prev.pt, else best.pt,
+    with a note on stderr that names the bad or missing file. A CheckpointError naming every file tried when none
+    is readable. A resume reads it once: the CLI passes it on to the trainer."""
+    folder = checkpoint_dir(run_dir)
+    errors = []
+    for path in (folder / name for name in RESUME_ORDER):
+        if not path.is_file():
+            if path.name == LAST:
+                errors.append(f"{path}: not found")
+            continue
+        try:
+            checkpoint = read_checkpoint(path)
+        except CheckpointError as err:
+            errors.append(str(err))
+            continue
+        if path.name != LAST:
+            print(f"note: {errors[0]}; resuming from {path} (step {checkpoint.step}) instead", file=sys.stderr)
+        return checkpoint, path
+    errors = [e for e in errors if not e.endswith(": not found")]
+    if errors:
+        raise CheckpointError(" | ".join(errors) + " | no readable checkpoint left to resume from")
+    raise CheckpointError(f"{run_dir}: no checkpoints/last.pt to resume from; start the run without --resume")
+
+
 class StepGuard(Protocol):
     """Decides after the backward whether the update is applied (train/faults.py's NonFiniteGuard)."""
 
@@ -123,10 +260,10 @@ class Run:
     @classmethod
     def build(
         cls, cfg: Config, tokenizer: TokenIds, env: distributed.DistEnv, unigram_counts=None,
-        resume_from: dict[str, Any] | None = None, objective: MaskedDiffusionObjective | None = None,
+        resume_from: RunCheckpoint | None = None, objective: MaskedDiffusionObjective | None = None,
     ) -> Run:
         """Build every part on `env.device` from the config (torch's RNG seeded by the caller: the modules' init),
-        load the checkpoint payload `resume_from` into them, then compile / wrap and build the optimiser. The
+        load the checkpoint `resume_from` into them, then compile / wrap and build the optimiser. The
         order is fixed: full weights into the plain modules, then sharding (any world size resumes), then the
         optimiser (FSDP2 replaces the parameters). `objective` replaces the config's (a benchmark's loss path)."""
         device, tc = env.device, cfg.training
@@ -138,14 +275,14 @@ class Run:
         ema = build_ema(model, tc.ema_decay)
         state = TrainState()
         if resume_from is not None:  # consolidated weights, loaded into the plain modules before sharding
-            model.load_state_dict(resume_from["model"])
+            model.load_state_dict(resume_from.model)
             if estimator is not None:
-                estimator.load_state_dict(resume_from["estimator"])
+                estimator.load_state_dict(resume_from.estimator)
             if ema is not None:
-                ema.module.load_state_dict(resume_from["ema"])
-                ema.num_updates = int(resume_from["ema_num_updates"])
-            state = TrainState(**resume_from["state"])
-            set_rng_state(resume_from["rng"])
+                ema.module.load_state_dict(resume_from.ema)
+                ema.num_updates = resume_from.ema_num_updates
+            state = dataclasses.replace(resume_from.state)
+            set_rng_state(resume_from.rng)
         parallel = distributed.parallelize(model, estimator, ema.module if ema is not None else None, tc, env)
         atat, extra_groups = None, []
         if estimator is not None:
@@ -157,9 +294,30 @@ class Run:
         optimizer = build_optimizer(model, tc, device, extra_groups)  # after sharding: FSDP2 replaces the parameters
         scheduler = build_scheduler(optimizer, tc)
         if resume_from is not None:
-            distributed.load_full_optimizer_state_dict(optimizer, resume_from["optimizer"])
-            scheduler.load_state_dict(resume_from["scheduler"])
+            distributed.load_full_optimizer_state_dict(optimizer, resume_from.optimizer)
+            scheduler.load_state_dict(resume_from.scheduler)
         return cls(cfg, tokenizer, env, model, objective, estimator, ema, parallel, atat, optimizer, scheduler, state)
+
+    def checkpoint(self) -> RunCheckpoint:
+        """The run as its checkpoint. Under FSDP every rank calls it, in step (the gathers are collectives); ranks
+        other than 0 hold None for the gathered tensors (they write nothing)."""
+        keep, ema = self.env.is_main, self.ema
+        return RunCheckpoint(
+            config=self.cfg.to_dict(),
+            config_hash=self.cfg.hash(),
+            state=dataclasses.replace(self.state),
+            tokenizer=self.tokenizer.to_json(),
+            # Consolidated (full) tensors in the single-process layout: gathered from the shards under FSDP.
+            model=distributed.full_state_dict(self.model, keep=keep),
+            ema=distributed.full_state_dict(ema.module, keep=keep) if ema is not None else None,
+            ema_num_updates=ema.num_updates if ema is not None else 0,
+            estimator=self.estimator.state_dict() if self.estimator is not None else None,
+            curriculum=asdict(self.atat.curriculum.state(self.state.step)) if self.atat is not None else None,
+            optimizer=distributed.full_optimizer_state_dict(self.optimizer, keep=keep),
+            scheduler=self.scheduler.state_dict(),
+            rng=rng_state(),
+            world_size=self.env.world_size,
+        )
 
     @property
     def global_batch(self) -> int:
@@ -262,19 +420,18 @@ def load_for_inference(
             state = load_file(str(file)) if file.is_file() else None
             loaded.estimator = _estimator(loaded.cfg, loaded.tokenizer, state, device)
         return loaded
-    payload = load_run_checkpoint(checkpoint)
-    cfg = from_dict(payload["config"])
-    tokenizer = Tokenizer.from_json(payload["tokenizer"])
+    saved = read_checkpoint(checkpoint)
+    cfg = saved.cfg
+    tokenizer = Tokenizer.from_json(saved.tokenizer)
     model = build_model(cfg.model, tokenizer.num_tokens)
-    weights = payload["ema"] if use_ema and payload.get("ema") is not None else payload["model"]
+    weights, kind = saved.weights(use_ema)
     model.load_state_dict(weights)
     model.to(device).eval()
     return LoadedModel(
-        model, cfg, tokenizer, step=payload["state"]["step"], config_hash=payload["config_hash"],
-        weights="ema" if weights is payload.get("ema") else "raw",
-        tokens_seen=payload["state"]["samples_seen"] * cfg.data.max_length,
-        # from the payload already read: a checkpoint with its optimiser is GBs at real sizes
-        estimator=_estimator(cfg, tokenizer, payload.get("estimator"), device) if with_estimator else None,
+        model, cfg, tokenizer, step=saved.step, config_hash=saved.config_hash, weights=kind,
+        tokens_seen=saved.tokens_seen,
+        # from the checkpoint already read: one with its optimiser is GBs at real sizes
+        estimator=_estimator(cfg, tokenizer, saved.estimator, device) if with_estimator else None,
     )
 
 

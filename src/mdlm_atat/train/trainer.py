@@ -16,7 +16,7 @@ import math
 import random
 import sys
 import time
-from dataclasses import asdict
+
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +31,11 @@ from mdlm_atat.eval.likelihood import BoundResult, evaluate_bound
 from mdlm_atat.models import build_model, count_parameters
 from mdlm_atat.pipeline import build_run_data
 from mdlm_atat.progress import progress_bar
-from mdlm_atat.run import Run, method_name
+from mdlm_atat.run import Run, RunCheckpoint, method_name, read_resume_checkpoint
 from mdlm_atat.runtime import autocast_for, precision_name
 from mdlm_atat.train import distributed
 from mdlm_atat.train.checkpoint import (
-    RunDirError, checkpoint_dir, has_checkpoint, load_resume_checkpoint, rng_state, save_checkpoint,
+    RunDirError, checkpoint_dir, has_checkpoint, save_checkpoint,
 )
 from mdlm_atat.train.faults import GracefulStop, NonFiniteGuard, check_writable
 from mdlm_atat.train.metrics import MetricsLog, build_sinks, note
@@ -49,20 +49,22 @@ def seed_everything(seed: int) -> None:
 
 
 def train(
-    cfg: Config, run_dir: Path, resume: bool = False, max_steps: int | None = None, restart: bool = False
+    cfg: Config, run_dir: Path, resume: bool = False, max_steps: int | None = None, restart: bool = False,
+    checkpoint: tuple[RunCheckpoint, Path] | None = None,
 ) -> dict[str, Any]:
     """Train from scratch into `run_dir`, or continue the run saved there. Returns a summary of the run.
 
     `max_steps` stops this invocation at that global step without changing the LR schedule or the curriculum,
     which follow `training.total_steps`. A new run needs a folder without another run's files; `restart` lets it
     start over a run that never saved a checkpoint (`--resume --config` relaunched). One process trains in a
-    folder at a time (train/rundir.py). Under torchrun every process calls this: it joins the process group,
+    folder at a time (train/rundir.py). `checkpoint`: the (checkpoint, path) a resume continues from, when the
+    caller has read it already (the CLI does, for its config): a checkpoint is read once. Under torchrun every process calls this: it joins the process group,
     trains its share of each global batch and leaves the group (train/distributed.py, docs/distributed.md).
     """
     dist_env = distributed.init_distributed(cfg.training.device)
     finished = False
     try:
-        summary = _train(cfg, Path(run_dir), resume, max_steps, dist_env, restart)
+        summary = _train(cfg, Path(run_dir), resume, max_steps, dist_env, restart, checkpoint)
         finished = True
         return summary
     finally:
@@ -70,11 +72,12 @@ def train(
 
 
 def _train(
-    cfg: Config, run_dir: Path, resume: bool, max_steps: int | None, dist_env: distributed.DistEnv, restart: bool
+    cfg: Config, run_dir: Path, resume: bool, max_steps: int | None, dist_env: distributed.DistEnv, restart: bool,
+    checkpoint: tuple[RunCheckpoint, Path] | None,
 ) -> dict[str, Any]:
     locks: list[RunLock | None] = []  # the run folder's lock once taken (rank 0 holds it; None elsewhere)
     try:
-        return _train_locked(cfg, run_dir, resume, max_steps, dist_env, restart, locks)
+        return _train_locked(cfg, run_dir, resume, max_steps, dist_env, restart, locks, checkpoint)
     finally:
         for lock in locks:
             if lock is not None:
@@ -111,24 +114,25 @@ def _check_folder(run_dir: Path, resume: bool, restart: bool) -> None:
 
 def _train_locked(
     cfg: Config, run_dir: Path, resume: bool, max_steps: int | None, dist_env: distributed.DistEnv, restart: bool,
-    locks: list[RunLock | None],
+    locks: list[RunLock | None], checkpoint: tuple[RunCheckpoint, Path] | None,
 ) -> dict[str, Any]:
     last_path = checkpoint_dir(run_dir) / "last.pt"
-    payload = None
+    saved = None
     if run_dir.is_dir():  # a folder that exists is locked before anything is read from it
         locks.append(_lock(run_dir, dist_env, cfg, resume, restart))
     else:
         _check_folder(run_dir, resume, restart)  # --resume on a folder that is not there
     if resume:
-        payload, resumed_from = load_resume_checkpoint(run_dir)  # last.pt, or an older one when it is unreadable
-        check_resume_config(payload["config"], cfg, resumed_from)  # before anything is written
+        # last.pt, or an older one when it is unreadable; read here unless the caller has read it
+        saved, resumed_from = checkpoint or read_resume_checkpoint(run_dir)
+        check_resume_config(saved.config, cfg, resumed_from)  # before anything is written
     tc = cfg.training
     seed_everything(tc.seed)  # the same seed on every rank: the modules are built equal
     device = dist_env.device
     autocast = autocast_for(device, tc.mixed_precision)
     check_writable(cfg.data.cache_dir, "data.cache_dir")  # a path that cannot be written: one line, not a traceback
 
-    saved_tokenizer = Tokenizer.from_json(payload["tokenizer"]) if payload else None
+    saved_tokenizer = Tokenizer.from_json(saved.tokenizer) if saved is not None else None
     # Rank 0 fills the tokenizer / token-store cache first; the others then reuse it.
     data = distributed.rank0_first(dist_env, lambda: build_run_data(cfg.data, tokenizer=saved_tokenizer))
     _check_vocab(cfg, data.tokenizer)
@@ -138,9 +142,9 @@ def _train_locked(
     if dist_env.is_main:
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
 
-    run = Run.build(cfg, data.tokenizer, dist_env, data.train.unigram_counts, resume_from=payload)
+    run = Run.build(cfg, data.tokenizer, dist_env, data.train.unigram_counts, resume_from=saved)
     model, estimator, ema, objective, atat, state = run.model, run.estimator, run.ema, run.objective, run.atat, run.state
-    optimizer, scheduler = run.optimizer, run.scheduler
+    scheduler = run.scheduler
     if dist_env.is_main:
         _note_cpu_cost(model, device, cfg)
 
@@ -152,7 +156,7 @@ def _train_locked(
         data.train_blocks, batch_size, seed=tc.seed, start_sample=state.samples_seen, rank=dist_env.rank,
         world_size=dist_env.world_size, num_workers=cfg.data.num_workers,
     )
-    if dist_env.is_main and payload is not None:  # steps after the checkpoint are run again, to the same numbers
+    if dist_env.is_main and saved is not None:  # steps after the checkpoint are run again, to the same numbers
         dropped = trim_metrics(run_dir / "metrics.jsonl", state.step)
         if dropped:
             print(f"note: {run_dir / 'metrics.jsonl'}: {dropped} records after step {state.step} (the checkpoint) "
@@ -168,7 +172,7 @@ def _train_locked(
             note(line)
     metrics.write(
         {
-            "event": "start" if payload is None else "resume",
+            "event": "start" if saved is None else "resume",
             "step": state.step,
             "device": str(device),
             "precision": precision_name(device, tc.mixed_precision),
@@ -188,29 +192,10 @@ def _train_locked(
         }
     )
 
-    def checkpoint_payload() -> dict[str, Any]:
+    def save(path: Path) -> None:
         state.log_loss_sum = distributed.mean_over_ranks(loss_sum.clone(), dist_env).item()  # a collective
         state.log_applied_steps = applied_since_log
-        return {
-            "format_version": 1,
-            "config": cfg.to_dict(),
-            "config_hash": cfg.hash(),
-            "state": asdict(state),
-            "world_size": dist_env.world_size,
-            # Consolidated (full) tensors in the single-process layout: gathered from the shards under FSDP.
-            "model": distributed.full_state_dict(model, keep=dist_env.is_main),
-            "estimator": estimator.state_dict() if estimator is not None else None,
-            "curriculum": asdict(atat.curriculum.state(state.step)) if atat is not None else None,
-            "ema": distributed.full_state_dict(ema.module, keep=dist_env.is_main) if ema is not None else None,
-            "ema_num_updates": ema.num_updates if ema is not None else 0,
-            "optimizer": distributed.full_optimizer_state_dict(optimizer, keep=dist_env.is_main),
-            "scheduler": scheduler.state_dict(),
-            "rng": rng_state(),
-            "tokenizer": data.tokenizer.to_json(),
-        }
-
-    def save(path: Path) -> None:
-        payload = checkpoint_payload()  # on every rank: the FSDP gathers are collectives
+        payload = run.checkpoint().to_dict()  # on every rank: the FSDP gathers are collectives
         if dist_env.is_main:
             save_checkpoint(path, payload)
 
