@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from mdlm_atat import __version__
-from mdlm_atat.config import ConfigError, apply_overrides, from_dict, load_config
+from mdlm_atat.config import ConfigError, SampleOrder, SamplerName, apply_overrides, choices, from_dict, load_config
 
 # torch (a second to import) loads with the verb that needs it, not for `atat --help`.
 
@@ -184,7 +184,7 @@ def _add_sample(subparsers) -> None:
     )
     p.add_argument(
         "--sampler",
-        choices=("ancestral", "ancestral-cache", "confidence", "semi-ar", "ar"),
+        choices=choices(SamplerName),
         help="ancestral (MDLM's reverse process), ancestral-cache (same samples, skips the network for unchanged "
         "sequences; needs no time conditioning), confidence (most confident positions first, the scheduled count "
         "per step), semi-ar (block after block, for --length beyond the block), ar (AR checkpoints); default: "
@@ -192,7 +192,7 @@ def _add_sample(subparsers) -> None:
     )
     p.add_argument(
         "--order",
-        choices=("confidence", "easy-first"),
+        choices=choices(SampleOrder),
         default="confidence",
         help="with --sampler confidence: the most confident positions first (default), or easy-first, the "
         "positions ATAT's importance estimator (saved with the checkpoint) rates least important first",
@@ -299,7 +299,7 @@ def run_train(args: argparse.Namespace) -> int:
         lines.append(f"train loss {summary['first_loss']:.4f} (first log) -> {summary['last_loss']:.4f} (last log)")
     if val is not None:
         # The AR baseline's validation number is its exact NLL, not a bound.
-        name, relation = ("NLL", "=") if cfg.model.name == "ar" else ("NELBO", "<=")
+        name, relation = ("NLL", "=") if cfg.model.is_ar else ("NELBO", "<=")
         at = f"step {val['step']}, " if "step" in val else ""
         lines.append(
             f"validation {name} {val['nelbo']:.4f} +- {val['stderr']:.4f} nats/token, PPL {relation} {val['ppl']:.2f} "

@@ -153,8 +153,8 @@ def hf_config(
     m = cfg.model
     return {
         "model_type": "mdlm-atat-dit",
-        "architectures": ["ARDiT" if m.name == "ar" else "DiT"],
-        "is_diffusion_model": m.name != "ar",
+        "architectures": ["ARDiT" if m.is_ar else "DiT"],
+        "is_diffusion_model": not m.is_ar,
         "hidden_size": m.hidden_dim,
         "num_hidden_layers": m.num_layers,
         "num_attention_heads": m.num_heads,
@@ -227,7 +227,7 @@ def collect_evaluations(
 
 
 def model_card(cfg: Config, tokenizer: Tokenizer, meta: dict, num_parameters: int, evaluations: list, name: str) -> str:
-    is_ar = cfg.model.name == "ar"
+    is_ar = cfg.model.is_ar
     method = ("an autoregressive baseline (causal DiT, next-token loss)" if is_ar else
               f"ATAT (importance {cfg.atat.importance_mode}, masking {cfg.atat.masking}, beta0 {cfg.atat.beta0}, "
               f"curriculum {cfg.curriculum.variant})" if cfg.atat.enabled else "MDLM (uniform masking)")

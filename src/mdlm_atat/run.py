@@ -34,7 +34,7 @@ from mdlm_atat.train.optim import ModelEMA, build_ema, build_optimizer, build_sc
 
 
 def make_objective(cfg: Config, tokenizer: Tokenizer) -> MaskedDiffusionObjective:
-    if cfg.model.name == "ar":  # the AR baseline: same loop, next-token NLL (models/ar.py)
+    if cfg.model.is_ar:  # the AR baseline: same loop, next-token NLL (models/ar.py)
         return NextTokenObjective(tokenizer.mask_id)
     schedule = build_schedule(cfg.diffusion.schedule, cfg.diffusion.eps)
     # The DiT fuses its output projection with the SUBS loss: no (M, V) logits (diffusion/fused_loss.py).
@@ -45,7 +45,7 @@ def make_objective(cfg: Config, tokenizer: Tokenizer) -> MaskedDiffusionObjectiv
 
 def method_name(cfg: Config) -> str:
     """What the run trains, as metrics.jsonl, the report and the console name it."""
-    if cfg.model.name == "ar":
+    if cfg.model.is_ar:
         return "ar (autoregressive baseline: causal DiT, next-token loss)"
     return f"atat ({cfg.atat.importance_mode}, {cfg.atat.masking})" if cfg.atat.enabled else "mdlm"
 
@@ -404,7 +404,7 @@ class LoadedModel:
 
     @property
     def is_ar(self) -> bool:
-        return self.cfg.model.name == "ar"
+        return self.cfg.model.is_ar
 
 
 def load_for_inference(

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from mdlm_atat.config import ConfigError
+from mdlm_atat.config import ConfigError, SampleOrder, choices
 from mdlm_atat.data.tokenizers import Tokenizer
 from mdlm_atat.diffusion.samplers import AR_SAMPLERS, DIFFUSION_SAMPLERS, RowGenerators, count_steps, generate
 from mdlm_atat.diffusion.schedule import build_schedule
@@ -32,7 +32,7 @@ from mdlm_atat.viz.trace import write_trace_html
 GAP = re.compile(r"\[MASK(?::(\d+))?\]")
 NEAR_GAP = re.compile(r"\[\s*mask\b[^\]]*\]?", re.IGNORECASE)  # [mask:2], [MASK: 3], [MASK:abc], [MASK:4
 TRACE_SAMPLES = 4  # samples of the first batch shown on the --trace page
-ORDERS = ("confidence", "easy-first")  # how the confidence sampler picks positions
+ORDERS = choices(SampleOrder)  # how the confidence sampler picks positions
 
 
 def parse_template(tokenizer: Tokenizer, template: str) -> list[int]:
@@ -194,7 +194,7 @@ def sample_checkpoint(
         torch.cuda.synchronize(torch_device)
     seconds = time.perf_counter() - start
     texts = [content_text(tokenizer, ids, cfg.data.framing) for ids in token_rows]
-    if cfg.data.framing == "packed" and any(tokenizer.eos_id in ids for ids in token_rows):
+    if not cfg.data.padded and any(tokenizer.eos_id in ids for ids in token_rows):
         eos = tokenizer.decode([tokenizer.eos_id])
         notes.append(f"{eos} inside a sample is EOS: training blocks are documents packed end to end, each ended by "
                      f"EOS, so the model learned to end one document and begin another within a block")

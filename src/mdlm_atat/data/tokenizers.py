@@ -289,7 +289,7 @@ def build_tokenizer(cfg: DataConfig, train_texts: Callable[[], Iterable[str]]) -
 
     `train_texts()` is called only to train a BPE not yet cached."""
     tok = _build_tokenizer(cfg, train_texts)
-    return tok.with_padding() if cfg.framing == "padded" else tok
+    return tok.with_padding() if cfg.padded else tok
 
 
 def _build_tokenizer(cfg: DataConfig, train_texts: Callable[[], Iterable[str]]) -> Tokenizer:

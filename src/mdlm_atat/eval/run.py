@@ -135,7 +135,7 @@ def _evaluate_loaded(
             seed=seed,
             device=torch_device,
             autocast=autocast_for(torch_device, cfg.training.mixed_precision),
-            pad_id=tokenizer.pad_id if data_cfg.framing == "padded" else None,
+            pad_id=tokenizer.pad_id if data_cfg.padded else None,
         )
     L = data_cfg.max_length
     return {
@@ -150,7 +150,7 @@ def _evaluate_loaded(
         "tokenizer": tokenizer.name,
         "framing": (
             f"packed: documents + EOS concatenated, cut into {L - 2}-token blocks framed [BOS] ... [EOS] (L = {L})"
-            if data_cfg.framing == "packed"
+            if not data_cfg.padded
             else f"{data_cfg.framing}: one document per row, [BOS] document [EOS] then PAD to L = {L}"
         ),
         "precision": precision_name(torch_device, cfg.training.mixed_precision),

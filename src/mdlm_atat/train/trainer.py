@@ -12,6 +12,7 @@ counted, and too many in a row stop the run (train/faults.py).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import sys
@@ -135,7 +136,7 @@ def _train_locked(
     saved_tokenizer = Tokenizer.from_json(saved.tokenizer) if saved is not None else None
     # Rank 0 fills the tokenizer / token-store cache first; the others then reuse it.
     data = distributed.rank0_first(dist_env, lambda: build_run_data(cfg.data, tokenizer=saved_tokenizer))
-    _check_vocab(cfg, data.tokenizer)
+    cfg = with_tokenizer_vocab(cfg, data.tokenizer)  # a new config: the validated one is never changed
     check_writable(run_dir, "--log-dir")  # only once the data is there: a failed start leaves no folder
     if not locks:  # a new folder: locked once made, and checked again (another command may have started there)
         locks.append(_lock(run_dir, dist_env, cfg, resume, restart))
@@ -214,7 +215,7 @@ def _train_locked(
                 seed=tc.seed,
                 device=device,
                 autocast=autocast,
-                pad_id=data.tokenizer.pad_id if cfg.data.framing == "padded" else None,
+                pad_id=data.tokenizer.pad_id if cfg.data.padded else None,
             )
             improved = result.nelbo < state.best_val_nelbo
             if improved:
@@ -250,7 +251,7 @@ def _train_locked(
                     stage_betas(atat.curriculum),
                     eval_batches(data.val_blocks, batch_size, max_batches=1),  # 10 estimator passes per batch
                     balanced=cfg.atat.masking == "balanced",
-                    pad_id=data.tokenizer.pad_id if cfg.data.framing == "padded" else None,
+                    pad_id=data.tokenizer.pad_id if cfg.data.padded else None,
                     device=device,
                 )
                 metrics.write({"event": "masking_profile", "step": state.step, **profile}, console=False)
@@ -367,13 +368,14 @@ def _atat_record(step) -> dict[str, Any]:
     return record
 
 
-def _check_vocab(cfg: Config, tokenizer: Tokenizer) -> None:
-    """model.vocab_size: null takes the tokenizer's; a stated size must match it (the saved config records it)."""
+def with_tokenizer_vocab(cfg: Config, tokenizer: Tokenizer) -> Config:
+    """The config with model.vocab_size resolved, as the run saves it: null takes the tokenizer's; a stated size
+    must match it. Derived, never written into `cfg`."""
     if cfg.model.vocab_size is None:
-        cfg.model.vocab_size = tokenizer.vocab_size
-    elif cfg.model.vocab_size != tokenizer.vocab_size:
+        return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size))
+    if cfg.model.vocab_size != tokenizer.vocab_size:
         raise ConfigError(
             f"model.vocab_size: {cfg.model.vocab_size} does not match the tokenizer {tokenizer.name!r} "
             f"({tokenizer.vocab_size} tokens); set it to {tokenizer.vocab_size} or null"
         )
-
+    return cfg
