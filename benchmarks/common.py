@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from mdlm_atat.config import MODEL_SIZES, ModelConfig
+from mdlm_atat.config import MODEL_SIZES, Config, ModelConfig, load_config
 from mdlm_atat.models.dit import DiT, DiTBlock, FinalLayer
 
 
@@ -27,6 +27,13 @@ def model_config(args: argparse.Namespace, dropout: float) -> tuple[ModelConfig,
         raise SystemExit(f"--num-heads: hidden_dim {hidden} / num_heads {heads} must be an even integer (rotary)")
     cfg = ModelConfig(hidden_dim=hidden, num_layers=layers, num_heads=heads, cond_dim=args.cond_dim, dropout=dropout)
     return cfg, label
+
+
+def run_config(model: ModelConfig, overrides: list[str]) -> Config:
+    """A validated run config with the benchmark's denoiser and `overrides` (section.key=value), for
+    `mdlm_atat.run.Run.build`: the benchmarks build and step their runs as training does."""
+    sizes = [f"model.{key}={value}" for key, value in vars(model).items() if value is not None and key != "size"]
+    return load_config(None, [*sizes, *overrides])
 
 
 @torch.no_grad()

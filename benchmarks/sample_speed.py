@@ -131,7 +131,7 @@ def run_eval(model: DiT, args, device, autocast, mask_id: int) -> dict[str, Any]
     gen = torch.Generator().manual_seed(args.seed + 1)
     batches = [torch.randint(0, args.vocab_size, (args.eval_batch_size, args.seq_len), generator=gen)
                for _ in range(args.eval_batches)]
-    # As `atat eval` scores (trainer.make_objective): the loss fused with the output layer, no (M, V) logits.
+    # As `atat eval` scores (run.make_objective): the loss fused with the output layer, no (M, V) logits.
     objective = MaskedDiffusionObjective(LogLinearSchedule(1e-3), mask_id=mask_id, fused=True)
     evaluate_bound(model, objective, batches[:1], num_t=args.num_t, device=device, autocast=autocast)  # warm-up
     reset_memory(device)

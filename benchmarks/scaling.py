@@ -3,15 +3,15 @@ efficiency, peak memory per GPU; and, with --resume-check, a checkpoint written 
 
 Weak scaling, as training scales: the per-device batch stays (default 32 x 1024) and the global batch grows
 with the number of GPUs. Each point is a `torchrun --standalone --nproc_per_node N` launch of this script in
-worker mode, which times the trainer's own step, built from the same functions `train/trainer.py` calls:
-`seed_step_dropout` and `step_draws` (t antithetic over the global batch, the masks' draws), this rank's rows,
+worker mode, which times the trainer's own step, `mdlm_atat.run.Run.train_step`, on a run built by `Run.build`
+as the trainer builds it (constant LR): `seed_step_dropout` and `step_draws` (t antithetic over the global batch, the masks' draws), this rank's rows,
 the MDLM objective (the SUBS loss fused with the output layer, as training), backward under `gradient_sync`,
 `clip_grad_norm_(1.0)`, AdamW from `build_optimizer` (fused on CUDA), the EMA update; the model wrapped by
 `parallelize` (compile, then DDP or FSDP2), bf16 autocast on CUDA. Left out: the data loader (random tokens, made
 on the device), the trainer's per-step non-finite check (one host sync) and logging.
 
 With --atat the step is ATAT's, as the trainer takes it (diffusion/atat.py): the importance estimator built by
-the trainer's `build_estimator` (default AtatConfig size, a made-up unigram table) on the clean tokens, the
+`build_estimator` (default AtatConfig size, a made-up unigram table) on the clean tokens, the
 tilted masks at the hard stage's fixed beta (beta0 = 0.5 from the first step: curriculum.variant=none, no
 estimator warm-up), the 1/p-corrected NELBO, the rank-percentile targets and the estimator's BCE loss, one
 backward for both, each group clipped to 1.0, AdamW over both parameter groups; the estimator wrapped as
@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import math
 import os
@@ -75,17 +76,13 @@ import torch
 import torch.distributed as dist
 
 import mdlm_atat
-from mdlm_atat.config import MODEL_SIZES, ModelConfig, TrainingConfig, load_config
-from mdlm_atat.diffusion.atat import AtatTraining
-from mdlm_atat.diffusion.objective import MaskedDiffusionObjective
-from mdlm_atat.diffusion.schedule import LogLinearSchedule
-from mdlm_atat.models.dit import DiT, count_parameters
+from mdlm_atat.config import MODEL_SIZES, ModelConfig
+from mdlm_atat.models.dit import count_parameters
+from mdlm_atat.run import Run, Vocab
 from mdlm_atat.runtime import autocast_for, precision_name
 from mdlm_atat.train import distributed
-from mdlm_atat.train.optim import build_ema, build_optimizer
-from mdlm_atat.train.trainer import build_estimator
 from mdlm_atat.viz.report import read_metrics
-from common import fmt, print_table, repo_relative, synchronize  # noqa: E402 (benchmarks/ is on sys.path when run as a script)
+from common import fmt, print_table, repo_relative, run_config, synchronize  # noqa: E402 (benchmarks/ is on sys.path when run as a script)
 
 VARIANTS = ("ddp", "ddp-compiled", "fsdp", "fsdp-compiled")
 NUM_DISTINCT_BATCHES = 4
@@ -173,65 +170,32 @@ def run_worker(args: argparse.Namespace) -> None:
     strategy, compiled = args.variant.removesuffix("-compiled"), args.variant.endswith("-compiled")
     env = distributed.init_distributed(args.device)
     device = env.device
-    tc = TrainingConfig(strategy=strategy, compile=compiled, mixed_precision=args.precision)
-    cfg = model_config(args)
+    cfg = run_config(model_config(args), [
+        f"data.batch_size={args.batch_size}", f"data.max_length={args.seq_len}", f"atat.enabled={args.atat}",
+        *ATAT_OVERRIDES, f"training.gradient_accumulation_steps={args.accumulation}", f"training.strategy={strategy}",
+        f"training.compile={compiled}", f"training.mixed_precision={args.precision}", f"training.seed={args.seed}",
+        "training.warmup_steps=0",
+    ])
     num_tokens = args.vocab_size + 1  # MASK is the last id
-    objective = MaskedDiffusionObjective(LogLinearSchedule(1e-3), mask_id=args.vocab_size, fused=True)
-
+    # A made-up unigram table stands in for the training split's counts (ATAT's estimator).
+    counts = torch.randint(0, 1000, (args.vocab_size,), generator=torch.Generator().manual_seed(args.seed))
     torch.manual_seed(args.seed)  # the same weights on every rank
-    model = DiT(cfg, num_tokens).to(device)
-    atat_cfg, estimator = load_config(None, list(ATAT_OVERRIDES)), None
-    if args.atat:  # the trainer's estimator; a made-up unigram table stands in for the training split's counts
-        counts = torch.randint(0, 1000, (args.vocab_size,), generator=torch.Generator().manual_seed(args.seed))
-        estimator = build_estimator(atat_cfg, num_tokens, counts).to(device)
-    ema = build_ema(model, 0.9999)
-    parallel = distributed.parallelize(model, estimator, ema.module, tc, env)
-    atat, extra_groups = None, []
-    if estimator is not None:  # as train/trainer.py: the step calls the wrapped estimator, its own AdamW group
-        atat = AtatTraining(atat_cfg, estimator, forward=parallel.estimator)
-        extra_groups.append(
-            {"params": list(estimator.parameters()), "lr": atat_cfg.atat.estimator_learning_rate, "weight_decay": 0.0}
-        )
-    optimizer = build_optimizer(model, tc, device, extra_groups)  # after sharding: FSDP2 replaces the parameters
+    run = Run.build(cfg, Vocab(num_tokens, mask_id=args.vocab_size), env, counts if args.atat else None)
+    model, estimator, atat = run.model, run.estimator, run.atat
     autocast = autocast_for(device, args.precision)
     gen = torch.Generator(device=device).manual_seed(args.seed + 1 + env.rank)  # each rank its own tokens
-    batches = [
+    batches = itertools.cycle([  # (B, L) each; micro-batch k of the run takes batches[k % 4]
         torch.randint(0, args.vocab_size, (args.batch_size, args.seq_len), device=device, generator=gen)
         for _ in range(NUM_DISTINCT_BATCHES)
-    ]
-    draw_generator = torch.Generator(device=device)
-    global_batch = args.batch_size * env.world_size * args.accumulation
+    ])
+    global_batch = run.global_batch
     losses, estimator_losses = [], []
 
-    def step(i: int) -> None:  # the trainer's step (train/trainer.py), on random tokens
-        distributed.seed_step_dropout(args.seed, i, env.rank)
-        t_all, noise_all = distributed.step_draws(
-            objective, args.seed, i, global_batch, args.seq_len, device, draw_generator
-        )  # (global_batch,), (global_batch, L)
-        for micro in range(args.accumulation):
-            rows = distributed.local_rows(micro, env, args.batch_size)
-            x0 = batches[(i * args.accumulation + micro) % NUM_DISTINCT_BATCHES]  # (B, L)
-            with parallel.gradient_sync(micro == args.accumulation - 1):
-                with autocast:
-                    if atat is None:
-                        nelbo = objective(parallel.model, x0, t=t_all[rows], uniform_noise=noise_all[rows]).loss
-                        loss = nelbo
-                    else:
-                        atat_step = atat(
-                            objective, parallel.model, x0, t_all[rows], i, uniform_noise=noise_all[rows],
-                            row_offset=rows.start,
-                        )
-                        nelbo = atat_step.terms.loss
-                        loss = nelbo + atat_step.estimator_loss  # disjoint parameters: stop-gradient both ways
-                (loss / args.accumulation).backward()
-        distributed.clip_grad_norm_(list(model.parameters()), 1.0)
-        if estimator is not None:
-            torch.nn.utils.clip_grad_norm_(estimator.parameters(), 1.0)  # its own budget, as the trainer
-            estimator_losses.append(atat_step.estimator_loss.detach())
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        ema.update_parameters(model)
-        losses.append(nelbo.detach())
+    def step(i: int) -> None:  # the trainer's step (mdlm_atat.run.Run.train_step), on random tokens
+        result = run.train_step(batches, autocast)
+        if result.atat is not None:
+            estimator_losses.append(result.atat.estimator_loss.detach())
+        losses.append(result.nelbo)
 
     model.train()
     clock = time.perf_counter()
@@ -255,7 +219,7 @@ def run_worker(args: argparse.Namespace) -> None:
     result = {
         "variant": args.variant,
         "atat": args.atat,
-        "strategy": parallel.strategy,
+        "strategy": run.parallel.strategy,
         "compiled": compiled,
         "world_size": env.world_size,
         "step_s": step_s,

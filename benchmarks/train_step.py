@@ -1,10 +1,11 @@
 """Time the full MDLM training step of a DiT, eager and `torch.compile`d, in one process.
 
-One step is what `mdlm_atat.train.trainer.train` does per optimiser step with no gradient accumulation: the
-objective's forward (uniform masking, DiT, SUBS loss) under bf16 autocast on CUDA (fp32 on CPU), backward,
-`clip_grad_norm_(1.0)`, AdamW from `build_optimizer`, `zero_grad(set_to_none=True)`. The EMA update and the
-data loader are left out. In the `compiled` variant only the DiT is compiled, as training would compile it; the
-loss (boolean indexing over the masked rows) stays eager.
+One step is the trainer's own, `mdlm_atat.run.Run.train_step`, with no gradient accumulation: the step's t and
+masks drawn from (seed, step), the objective's forward (uniform masking, DiT, SUBS loss) under bf16 autocast on
+CUDA (fp32 on CPU), backward, `clip_grad_norm_(1.0)`, AdamW from `build_optimizer`, the (constant) LR schedule,
+`zero_grad(set_to_none=True)`. The EMA (training.ema_decay=0), the non-finite guard (a host sync) and the data
+loader are left out. In the `compiled` variant the DiT (and ATAT's estimator) are compiled in place, as training
+compiles them (training.compile); the loss (boolean indexing over the masked rows) stays eager.
 
 `--loss` picks how the SUBS loss meets the output layer: `fused` (the default, as training) hands the masked
 rows' targets and weights to the DiT, whose output layer computes the loss and its gradient chunk by chunk
@@ -33,7 +34,7 @@ no timing.
 ATAT variants (`atat`, `atat-compiled`): the same step with ATAT's work added, as the trainer does it: the
 importance estimator (default size: 128 wide, 2 blocks) on the clean tokens, the tilted masks (fixed beta0 = 0.5,
 the hard stage), the 1/p-corrected NELBO, the rank-percentile targets and the estimator's BCE loss, one backward
-for both, clipping and AdamW over both parameter groups. The issue's budget: ATAT step <= 1.10 x MDLM step.
+for both, clipping and AdamW over both parameter groups: the same `Run.train_step`. The issue's budget: ATAT step <= 1.10 x MDLM step.
 
 CPU smoke test (seconds):
     python benchmarks/train_step.py --device cpu --hidden-dim 64 --num-layers 2 --num-heads 2 \
@@ -44,7 +45,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
+import dataclasses
 import gc
 import platform
 import statistics
@@ -56,15 +57,14 @@ from typing import Any
 
 import torch
 
-from mdlm_atat.config import MODEL_SIZES, ModelConfig, TrainingConfig, load_config
-from mdlm_atat.diffusion.atat import AtatTraining
+from mdlm_atat.config import MODEL_SIZES, ModelConfig
 from mdlm_atat.diffusion.objective import MaskedDiffusionObjective, mask_draws
 from mdlm_atat.diffusion.schedule import LogLinearSchedule
 from mdlm_atat.models.dit import DiT, count_parameters
-from mdlm_atat.models.importance import ImportanceEstimator, unigram_surprisal
+from mdlm_atat.run import Run, Vocab
 from mdlm_atat.runtime import autocast_for, precision_name, resolve_device
-from mdlm_atat.train.optim import build_optimizer
-from common import fmt, model_config, move_zero_init_off_zero, print_table, run_facts, synchronize, write_json  # noqa: E402 (benchmarks/ is on sys.path when run as a script)
+from mdlm_atat.train import distributed
+from common import fmt, model_config, move_zero_init_off_zero, print_table, run_config, run_facts, synchronize, write_json  # noqa: E402 (benchmarks/ is on sys.path when run as a script)
 
 VARIANTS = ("eager", "compiled", "atat", "atat-compiled")
 LOSS_PATHS = ("fused", "rows", "full")
@@ -82,10 +82,14 @@ FLOPS_FORMULA = (
 )
 
 
+# ATAT at the hard stage's tilt from the first step: beta = +beta0 fixed, no uniform-masking warm-up.
+ATAT_OVERRIDES = ("curriculum.variant=none", "atat.estimator_warmup_steps=0")
+
+
 @dataclass
 class Batch:
     x0: torch.Tensor  # (B, L) clean tokens in [0, vocab_size)
-    t: torch.Tensor  # (B,) diffusion times, stratified as in training
+    t: torch.Tensor  # (B,) diffusion times, stratified as in training (the loss check's; a step draws its own)
     uniform_noise: torch.Tensor  # (B, L) in [0, 1): which tokens get masked
 
 
@@ -182,23 +186,21 @@ def make_batches(
     return batches
 
 
-def train_step(model, params, objective, optimizer, batch: Batch, autocast, atat=None) -> torch.Tensor:
-    """One optimiser step as the trainer takes it; returns the detached loss (no host sync)."""
-    with autocast:
-        if atat is None:
-            terms = objective(model, batch.x0, t=batch.t, uniform_noise=batch.uniform_noise)
-            loss = terms.loss
-        else:
-            step = atat(objective, model, batch.x0, batch.t, step=atat.curriculum.warmup_steps)
-            terms = step.terms
-            loss = terms.loss + step.estimator_loss
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, 1.0)
-    if atat is not None:
-        torch.nn.utils.clip_grad_norm_(atat.estimator.parameters(), 1.0)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return terms.loss.detach()
+def build_run(variant: str, reference: DiT, cfg: ModelConfig, objective: MaskedDiffusionObjective,
+              args: argparse.Namespace, device: torch.device) -> Run:
+    """The trainer's run (mdlm_atat.run.Run) for a variant: the reference's weights, the chosen loss path, constant
+    LR, no EMA; ATAT's estimator (with a made-up unigram table) for the atat variants."""
+    atat = variant.startswith("atat")
+    run_cfg = run_config(cfg, [
+        f"data.batch_size={args.batch_size}", f"data.max_length={args.seq_len}", f"atat.enabled={atat}",
+        *(ATAT_OVERRIDES if atat else ()), f"training.compile={variant.endswith('compiled')}",
+        "training.warmup_steps=0", "training.ema_decay=0", "training.mixed_precision=bf16", f"training.seed={args.seed}",
+    ])
+    counts = torch.randint(0, 1000, (args.vocab_size,), generator=torch.Generator().manual_seed(args.seed))
+    vocab = Vocab(num_tokens=args.vocab_size + 1, mask_id=args.vocab_size)  # MASK is the last id
+    run = Run.build(run_cfg, vocab, distributed.DistEnv(device=device), counts if atat else None, objective=objective)
+    run.model.load_state_dict(reference.state_dict())  # every variant starts from the same weights
+    return run
 
 
 @torch.no_grad()
@@ -265,21 +267,8 @@ def run_variant(
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(args.seed)  # same dropout stream start for each variant
-    module = copy.deepcopy(reference).to(device)
-    compiled = variant.endswith("compiled")
-    model = torch.compile(module) if compiled else module
-    params = list(module.parameters())
-    atat, extra_groups = None, []
-    if variant.startswith("atat"):
-        atat_cfg = load_config(None, ["curriculum.variant=none", "atat.estimator_warmup_steps=0"])
-        counts = torch.randint(0, 1000, (args.vocab_size,), generator=torch.Generator().manual_seed(args.seed))
-        estimator = ImportanceEstimator(atat_cfg.atat, module.num_tokens, unigram_surprisal(counts, module.num_tokens))
-        estimator.to(device)
-        atat = AtatTraining(atat_cfg, torch.compile(estimator) if compiled else estimator)
-        extra_groups = [  # as the trainer: its own LR, no weight decay
-            {"params": list(estimator.parameters()), "lr": atat_cfg.atat.estimator_learning_rate, "weight_decay": 0.0}
-        ]
-    optimizer = build_optimizer(module, TrainingConfig(), device, extra_groups)  # AdamW, fused on CUDA
+    run = build_run(variant, reference, cfg, objective, args, device)
+    module, model = run.model, run.parallel.model
     autocast = autocast_for(device, "bf16")
 
     clock = time.perf_counter()
@@ -290,8 +279,7 @@ def run_variant(
     losses = []
 
     def step(i: int) -> None:
-        batch = batches[i % len(batches)]
-        losses.append(train_step(model, params, objective, optimizer, batch, autocast, atat))
+        losses.append(run.train_step(iter([batches[i % len(batches)].x0]), autocast).nelbo)
 
     first_step_s = None
     for i in range(args.warmup):
@@ -341,15 +329,17 @@ def run_variant(
         def probe(batch_size: int) -> float | None:
             """Peak GiB of two training steps at this batch size, or None when they run out of memory."""
             probe_args = argparse.Namespace(**{**vars(args), "batch_size": batch_size})
+            data = dataclasses.replace(run.cfg.data, batch_size=batch_size)
+            probe_run = dataclasses.replace(run, cfg=dataclasses.replace(run.cfg, data=data))  # same modules
             try:
                 batch = make_batches(objective, probe_args, device)[0]
                 torch.cuda.reset_peak_memory_stats(device)
                 for _ in range(2):
-                    train_step(model, params, objective, optimizer, batch, autocast, atat)
+                    probe_run.train_step(iter([batch.x0]), autocast)
                 synchronize(device)
                 return torch.cuda.max_memory_allocated(device) / 2**30
             except torch.OutOfMemoryError:
-                optimizer.zero_grad(set_to_none=True)
+                run.optimizer.zero_grad(set_to_none=True)
                 return None
             finally:
                 batch = None

@@ -114,3 +114,36 @@ def test_a_strong_tilt_is_valid_but_named_with_its_cost():
     assert "atat.beta0=2" in line and "403x" in line
     with pytest.raises(ConfigError, match="atat.uniform_every"):
         load_config(None, ["atat.uniform_every=1"])
+
+
+def test_choices_are_literal_types_the_config_and_the_cli_read():
+    """One place per choice: the config validates from the Literal type, the CLI lists its values."""
+    import argparse
+    import typing
+
+    from mdlm_atat.cli import build_parser
+    from mdlm_atat.config import AtatConfig, SampleOrder, SamplerName, choices
+    from mdlm_atat.diffusion.samplers import AR_SAMPLERS, DIFFUSION_SAMPLERS
+
+    hints = typing.get_type_hints(AtatConfig)
+    assert choices(hints["masking"]) == ("importance", "inverse", "balanced", "uniform")
+    with pytest.raises(ConfigError, match="^atat.masking: 'tilted' is not one of importance, inverse"):
+        load_config(None, ["atat.masking=tilted"])
+    with pytest.raises(ConfigError, match=r"^training.strategy: expected str, got 3 \(int\)"):
+        load_config(None, ["training.strategy=3"])
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["sample"]
+    options = {a.dest: a.choices for a in sub._actions}
+    assert tuple(options["sampler"]) == choices(SamplerName) == DIFFUSION_SAMPLERS + AR_SAMPLERS
+    assert tuple(options["order"]) == choices(SampleOrder)
+
+
+def test_train_derives_the_vocab_size_without_changing_the_config_it_is_given(tiny_config, tmp_path):
+    from mdlm_atat.train.checkpoint import load_checkpoint
+    from mdlm_atat.train.trainer import train
+
+    cfg = tiny_config()
+    before = cfg.to_dict()
+    train(cfg, tmp_path / "run", max_steps=1)
+    assert cfg.to_dict() == before and cfg.model.vocab_size is None
+    saved = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["config"]["model"]["vocab_size"]
+    assert isinstance(saved, int) and saved > 0  # the run records the tokenizer's

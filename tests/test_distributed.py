@@ -25,7 +25,8 @@ from mdlm_atat.models import build_model
 from mdlm_atat.models.importance import ImportanceEstimator, unigram_surprisal
 from mdlm_atat.train import distributed
 from mdlm_atat.train.checkpoint import load_checkpoint
-from mdlm_atat.train.trainer import make_objective, train
+from mdlm_atat.run import make_objective
+from mdlm_atat.train.trainer import train
 
 from conftest import REPO, TINY_OVERRIDES
 

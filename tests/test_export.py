@@ -53,9 +53,11 @@ def test_export_round_trips_eval_and_sample(run_dir, tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["hidden_size"] == 32 and config["num_hidden_layers"] == 2 and config["mask_token_id"] == 512
     assert config["mdlm_atat"]["step"] == 6 and config["mdlm_atat"]["weights"] == "ema"
-    model, cfg, tokenizer, meta = load_for_inference(out)
+    loaded = load_for_inference(out)
+    cfg, tokenizer = loaded.cfg, loaded.tokenizer
     tokens = 6 * cfg.data.batch_size * cfg.data.max_length
-    assert not model.training and meta == {"step": 6, "config_hash": cfg.hash(), "weights": "ema", "tokens_seen": tokens}
+    assert not loaded.model.training and loaded.estimator is None
+    assert (loaded.step, loaded.config_hash, loaded.weights, loaded.tokens_seen) == (6, cfg.hash(), "ema", tokens)
     assert tokenizer.to_json() == payload["tokenizer"]
 
 

@@ -15,11 +15,13 @@ import time
 import pytest
 import torch
 
+import mdlm_atat.run as run_module
+from mdlm_atat.run import read_resume_checkpoint
 import mdlm_atat.train.trainer as trainer_module
 from mdlm_atat.cli import main
 from mdlm_atat.config import ConfigError, load_config
 from mdlm_atat.train.checkpoint import (
-    CheckpointError, checksum_path, load_checkpoint, load_resume_checkpoint, save_checkpoint,
+    CheckpointError, checksum_path, load_checkpoint, save_checkpoint,
 )
 from mdlm_atat.train.faults import GracefulStop, NonFiniteError
 from mdlm_atat.train.trainer import train
@@ -146,7 +148,7 @@ def test_kill_9_at_any_moment_then_resume_gives_the_same_losses(tmp_path, data_c
     proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL
     killed_at = max(r["step"] for r in records(run, "train"))
-    saved_step = load_resume_checkpoint(run)[0]["state"]["step"]
+    saved_step = read_resume_checkpoint(run)[0].step
     assert saved_step <= killed_at < 20
     resumed = train(tiny_config(*overrides), run, resume=True)
     whole = train(tiny_config(*overrides), tmp_path / "whole")
@@ -198,8 +200,8 @@ def test_truncated_checkpoint_is_named_and_resume_falls_back(tiny_config, tmp_pa
     # Both last.pt and last.prev.pt damaged: the intact best.pt is the checkpoint left (it was ignored before).
     for name in ("last.pt", "last.prev.pt"):
         (run / "checkpoints" / name).write_bytes(b"damaged")
-    payload, path = load_resume_checkpoint(run)
-    assert path.name == "best.pt" and payload["state"]["step"] in (3, 6)
+    saved, path = read_resume_checkpoint(run)
+    assert path.name == "best.pt" and saved.step in (3, 6)
     assert "resuming from" in capsys.readouterr().err
 
 
@@ -209,7 +211,7 @@ def test_no_readable_checkpoint_names_every_file(tmp_path):
     (folder / "last.pt").write_bytes(b"garbage")
     (folder / "last.prev.pt").write_bytes(b"")
     with pytest.raises(CheckpointError) as err:
-        load_resume_checkpoint(tmp_path / "run")
+        read_resume_checkpoint(tmp_path / "run")
     message = str(err.value)
     assert "last.pt: not a readable checkpoint" in message and "last.prev.pt: not a readable" in message
     assert "no readable checkpoint left" in message
@@ -245,7 +247,7 @@ def test_unwritable_cache_or_log_dir_is_one_line(tiny_config, tmp_path):
 
 def poison_training_steps(monkeypatch, bad_steps):
     """Make the loss NaN in the training forwards of the given steps (1-based); evaluation stays clean."""
-    make_objective = trainer_module.make_objective
+    make_objective = run_module.make_objective  # the run's objective (Run.build)
     calls = {"n": 0}
 
     def make(cfg, tokenizer):
@@ -267,7 +269,7 @@ def poison_training_steps(monkeypatch, bad_steps):
         objective.__class__ = Poisoned
         return objective
 
-    monkeypatch.setattr(trainer_module, "make_objective", make)
+    monkeypatch.setattr(run_module, "make_objective", make)
 
 
 def test_a_nonfinite_step_is_skipped_counted_and_logged(tiny_config, tmp_path, monkeypatch):

@@ -79,7 +79,8 @@ def _export(tmp_path, tiny_config, tokenizer, *overrides, name="tiny-export"):
 def test_export_folder_loads_in_transformers(tmp_path, tiny_config, monkeypatch):
     gpt2 = load_local_tokenizer(GPT2)  # MASK appended at 50,257, no PAD: MDLM's OpenWebText setting
     out = _export(tmp_path, tiny_config, gpt2)
-    ours, _, tokenizer, _ = load_for_inference(out)
+    loaded = load_for_inference(out)
+    ours, tokenizer = loaded.model, loaded.tokenizer
     assert tokenizer.to_json() == gpt2.to_json()  # atat reads back the tokenizer it wrote, byte for byte
 
     config = transformers.AutoConfig.from_pretrained(out, trust_remote_code=True)

@@ -24,7 +24,7 @@ from mdlm_atat.eval.run import load_for_inference  # noqa: E402
 from mdlm_atat.mdlm_import import import_mdlm  # noqa: E402
 from mdlm_atat.sample import sample_checkpoint  # noqa: E402
 from mdlm_atat.train.checkpoint import CheckpointError  # noqa: E402
-from mdlm_atat.train.trainer import make_objective  # noqa: E402
+from mdlm_atat.run import make_objective  # noqa: E402
 
 pytestmark = [
     needs_shared,  # MDLM's OpenWebText tokenizer: GPT-2, MASK = 50,257
@@ -122,7 +122,8 @@ def assert_same_as_mdlm(folder: Path, mdlm: torch.nn.Module, time_conditioning: 
                         noise: str = "loglinear") -> None:
     """Logits bit for bit; the NELBO of the same masks to float32 rounding (our alpha'/alpha against MDLM's
     dsigma/expm1(sigma))."""
-    model, cfg, tokenizer, _ = load_for_inference(folder)
+    loaded = load_for_inference(folder)
+    model, cfg, tokenizer = loaded.model, loaded.cfg, loaded.tokenizer
     assert (tokenizer.mask_id, tokenizer.num_tokens) == (50257, mdlm.vocab_size)
     assert (cfg.diffusion.schedule, cfg.diffusion.eps, cfg.model.time_conditioning) == (noise, 1e-3, time_conditioning)
     gen = torch.Generator().manual_seed(0)

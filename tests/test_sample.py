@@ -78,7 +78,7 @@ def test_prefix_is_kept_exactly(run_dir, tmp_path, capsys):
     prefix = "The function returns"
     code, summary, _ = sample(run_dir, capsys, "--prefix", prefix, "--num-samples", "2", "--output", str(output))
     assert code == 0
-    tokenizer = load_for_inference(run_dir)[2]
+    tokenizer = load_for_inference(run_dir).tokenizer
     given = tokenizer.encode(prefix)
     rows = [json.loads(line) for line in output.read_text().splitlines()]
     for row in rows:
@@ -93,7 +93,7 @@ def test_infill_spans_are_kept_exactly(run_dir, tmp_path, capsys):
     code, summary, _ = sample(run_dir, capsys, "--infill", template, "--sampler", "confidence", "--num-samples", "2",
                               "--output", str(output), "--trace", str(tmp_path / "trace.html"))
     assert code == 0
-    tokenizer = load_for_inference(run_dir)[2]
+    tokenizer = load_for_inference(run_dir).tokenizer
     layout = parse_template(tokenizer, template)
     assert layout.count(tokenizer.mask_id) == 10
     for row in (json.loads(line) for line in output.read_text().splitlines()):
@@ -252,7 +252,7 @@ def test_eval_shows_progress_per_dataset_and_batch(run_dir, capsys, monkeypatch)
 
 
 def test_eos_in_samples_is_explained(run_dir, capsys):
-    tokenizer = load_for_inference(run_dir)[2]
+    tokenizer = load_for_inference(run_dir).tokenizer
     eos = tokenizer.decode([tokenizer.eos_id])
     code, summary, _ = sample(run_dir, capsys, "--infill", f"one{eos}[MASK:4]", "--num-samples", "1")
     assert code == 0 and any(note.startswith(f"{eos} inside a sample is EOS") for note in summary["notes"])

@@ -13,7 +13,7 @@ from mdlm_atat.diffusion.samplers import generate
 from mdlm_atat.diffusion.schedule import SCHEDULES, CosineSchedule, LogLinearSchedule, build_schedule
 from mdlm_atat.eval.likelihood import evaluate_bound
 from mdlm_atat.models import DiT
-from mdlm_atat.train.trainer import make_objective
+from mdlm_atat.run import make_objective
 
 EPS = 1e-3
 

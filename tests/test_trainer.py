@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from mdlm_atat.config import ConfigError
+from mdlm_atat.config import ConfigError, load_config
 from mdlm_atat.eval.run import evaluate_checkpoint, load_for_inference
 from mdlm_atat.train.checkpoint import CheckpointError, RunDirError, load_checkpoint
 from mdlm_atat.train.trainer import train
@@ -44,7 +44,8 @@ def test_short_training_lowers_the_validation_bound(tiny_config, tmp_path):
         "training.log_every_n_steps=20", "training.eval_batches=4", "model.dropout=0.0",
     )
     summary = train(cfg, tmp_path / "run")
-    initial = (1 - cfg.diffusion.eps) * math.log(cfg.model.vocab_size)  # the untrained model's bound
+    vocab_size = load_config(tmp_path / "run" / "config.yaml").model.vocab_size  # the run takes the tokenizer's
+    initial = (1 - cfg.diffusion.eps) * math.log(vocab_size)  # the untrained model's bound
     assert summary["val"]["nelbo"] < initial - 0.5
     assert summary["last_loss"] < summary["first_loss"] - 0.5
 
@@ -94,8 +95,8 @@ def test_evaluate_checkpoint_uses_ema_and_reports_provenance(tiny_config, tmp_pa
     assert result == evaluate_checkpoint(ckpt, max_batches=2, device="cpu")  # deterministic
     raw = evaluate_checkpoint(ckpt, max_batches=2, device="cpu", use_ema=False)
     assert raw["weights"] == "raw" and raw["nelbo"] != result["nelbo"]
-    model, cfg, tokenizer, meta = load_for_inference(ckpt)
-    assert not model.training and meta["config_hash"] == cfg.hash()
+    loaded = load_for_inference(ckpt)
+    assert not loaded.model.training and loaded.config_hash == loaded.cfg.hash()
 
 
 def test_padded_framing_trains_and_never_counts_padding(tiny_config, tmp_path):

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from mdlm_atat import __version__
-from mdlm_atat.config import ConfigError, apply_overrides, from_dict, load_config
+from mdlm_atat.config import ConfigError, SampleOrder, SamplerName, apply_overrides, choices, from_dict, load_config
 
 # torch (a second to import) loads with the verb that needs it, not for `atat --help`.
 
@@ -184,7 +184,7 @@ def _add_sample(subparsers) -> None:
     )
     p.add_argument(
         "--sampler",
-        choices=("ancestral", "ancestral-cache", "confidence", "semi-ar", "ar"),
+        choices=choices(SamplerName),
         help="ancestral (MDLM's reverse process), ancestral-cache (same samples, skips the network for unchanged "
         "sequences; needs no time conditioning), confidence (most confident positions first, the scheduled count "
         "per step), semi-ar (block after block, for --length beyond the block), ar (AR checkpoints); default: "
@@ -192,7 +192,7 @@ def _add_sample(subparsers) -> None:
     )
     p.add_argument(
         "--order",
-        choices=("confidence", "easy-first"),
+        choices=choices(SampleOrder),
         default="confidence",
         help="with --sampler confidence: the most confident positions first (default), or easy-first, the "
         "positions ATAT's importance estimator (saved with the checkpoint) rates least important first",
@@ -248,7 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from mdlm_atat.train.checkpoint import CheckpointError, has_checkpoint, load_resume_checkpoint
+    from mdlm_atat.run import read_resume_checkpoint
+    from mdlm_atat.train.checkpoint import CheckpointError, has_checkpoint
     from mdlm_atat.train.distributed import is_main_process, rank0_value
     from mdlm_atat.train.trainer import train
 
@@ -261,12 +262,12 @@ def run_train(args: argparse.Namespace) -> int:
         # pre-emption picks up where the run stopped.
         if not resumable:
             raise CheckpointError(f"{run_dir}: no checkpoints/last.pt to resume from; pass --config to start it")
-        payload, _ = load_resume_checkpoint(run_dir)  # falls back to last.prev.pt when last.pt is unreadable
+        # Read once: the trainer continues from this checkpoint (falls back to last.prev.pt when last.pt is unreadable).
+        checkpoint = read_resume_checkpoint(run_dir)
         if args.config is not None:
             print(f"note: continuing {run_dir} with its saved config; --config {args.config} is not read", file=sys.stderr)
-        cfg = from_dict(apply_overrides(payload["config"], args.overrides))
-        del payload
-        summary = train(cfg, run_dir, resume=True, max_steps=args.max_steps)
+        cfg = from_dict(apply_overrides(checkpoint[0].config, args.overrides))
+        summary = train(cfg, run_dir, resume=True, max_steps=args.max_steps, checkpoint=checkpoint)
     else:
         if args.config is None:
             raise ConfigError("--config: required to start a run, e.g. atat train --config configs/atat/quickstart.yaml")
@@ -299,7 +300,7 @@ def run_train(args: argparse.Namespace) -> int:
         lines.append(f"train loss {summary['first_loss']:.4f} (first log) -> {summary['last_loss']:.4f} (last log)")
     if val is not None:
         # The AR baseline's validation number is its exact NLL, not a bound.
-        name, relation = ("NLL", "=") if cfg.model.name == "ar" else ("NELBO", "<=")
+        name, relation = ("NLL", "=") if cfg.model.is_ar else ("NELBO", "<=")
         at = f"step {val['step']}, " if "step" in val else ""
         lines.append(
             f"validation {name} {val['nelbo']:.4f} +- {val['stderr']:.4f} nats/token, PPL {relation} {val['ppl']:.2f} "

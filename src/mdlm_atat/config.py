@@ -14,7 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -24,6 +24,27 @@ class ConfigError(ValueError):
 
     def __init__(self, message: str) -> None:
         super().__init__(" ".join(str(message).splitlines()))
+
+
+# The choices of the config and the CLI, as types: the config is validated from them (`_check_type`) and the
+# CLI's choices are read from them (`choices`), so a new option is added in one place.
+Framing = Literal["packed", "padded"]
+ModelName = Literal["atat-dit", "mdlm-dit", "ar"]  # ar: the autoregressive baseline (models/ar.py)
+ScheduleName = Literal["loglinear", "cosine"]  # diffusion/schedule.py's SCHEDULES
+LrSchedule = Literal["constant", "cosine"]
+Precision = Literal["bf16", "fp32"]
+Strategy = Literal["auto", "ddp", "fsdp", "none"]
+ImportanceMode = Literal["full", "learned_only", "frequency_only", "none"]
+Masking = Literal["importance", "inverse", "balanced", "uniform"]
+EstimatorLoss = Literal["bce", "mse"]
+CurriculumVariant = Literal["default", "early", "late", "none"]
+SamplerName = Literal["ancestral", "ancestral-cache", "confidence", "semi-ar", "ar"]  # diffusion/samplers.py
+SampleOrder = Literal["confidence", "easy-first"]  # how the confidence sampler picks positions
+
+
+def choices(literal: Any) -> tuple[str, ...]:
+    """The values of a Literal choice type, in their declared order."""
+    return typing.get_args(literal)
 
 
 # Denoiser presets (DESIGN 3.1, issue 2): hidden width, blocks, heads.
@@ -54,12 +75,17 @@ class DataConfig:
     tokenizer_vocab_size: int = 4096  # only for tokenizer: bpe
     # packed (MDLM: documents + EOS concatenated, cut into L - 2, framed BOS ... EOS) | padded (one document per
     # row, BOS ... EOS then PAD to L, truncated; for sentence-level data such as LM1B)
-    framing: str = "packed"
+    framing: Framing = "packed"
+
+    @property
+    def padded(self) -> bool:
+        """Rows are single documents padded with PAD (which is never counted); packed rows are all real tokens."""
+        return self.framing == "padded"
 
 
 @dataclass
 class ModelConfig:
-    name: str = "atat-dit"
+    name: ModelName = "atat-dit"
     size: str | None = None  # tiny | small | medium: fills hidden_dim / num_layers / num_heads
     hidden_dim: int = 768
     num_layers: int = 12
@@ -73,13 +99,18 @@ class ModelConfig:
     gate_init: float = 0.0
     vocab_size: int | None = None  # the tokenizer's vocabulary (MASK excluded); null = take it from the tokenizer
 
+    @property
+    def is_ar(self) -> bool:
+        """The autoregressive baseline: a causal DiT with a next-token loss, no masks, no ATAT."""
+        return self.name == "ar"
 
-SCHEDULE_NAMES = ("loglinear", "cosine")  # diffusion/schedule.py's SCHEDULES, by name
+
+SCHEDULE_NAMES = choices(ScheduleName)
 
 
 @dataclass
 class DiffusionConfig:
-    schedule: str = "loglinear"  # loglinear (MDLM: alpha = (1 - eps) t) | cosine (alpha = (1 - eps)(1 - cos(pi t / 2)))
+    schedule: ScheduleName = "loglinear"  # loglinear (MDLM: alpha = (1 - eps) t) | cosine (alpha = (1 - eps)(1 - cos(pi t / 2)))
     eps: float = 1e-3  # the schedule's floor: alpha(1) = 1 - eps, and training samples t in [eps, 1) (DESIGN 3.1)
     antithetic: bool = True  # stratified t over the batch
     eval_num_t: int = 4  # stratified t per sequence for the validation bound
@@ -96,7 +127,7 @@ class TrainingConfig:
     weight_decay: float = 0.0
     beta1: float = 0.9
     beta2: float = 0.999
-    lr_schedule: str = "constant"  # constant | cosine (after the linear warm-up)
+    lr_schedule: LrSchedule = "constant"  # constant | cosine (after the linear warm-up)
     min_lr_ratio: float = 0.1  # cosine ends at learning_rate * min_lr_ratio
     grad_clip: float = 1.0
     gradient_accumulation_steps: int = 1
@@ -106,13 +137,13 @@ class TrainingConfig:
     eval_batches: int = 50  # validation batches per evaluation; 0 = the whole split
     save_every_n_steps: int = 10_000
     max_nonfinite_steps: int = 10  # NaN/inf loss or gradients: skip the update; stop after this many in a row
-    mixed_precision: str = "bf16"  # bf16 | fp32; bf16 applies on CUDA only, CPU runs in fp32
+    mixed_precision: Precision = "bf16"  # bf16 | fp32; bf16 applies on CUDA only, CPU runs in fp32
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N; under torchrun auto/cuda is cuda:LOCAL_RANK
     compile: bool = False
     # Data parallelism under torchrun (train/distributed.py): auto (ddp with several processes) | ddp | fsdp
     # (FSDP2) | none. One process never wraps the model, whatever this says.
-    strategy: str = "auto"
+    strategy: Strategy = "auto"
 
 
 @dataclass
@@ -120,8 +151,8 @@ class AtatConfig:
     """ATAT (DESIGN 3.2-3.3). `enabled: false` is the MDLM baseline exactly: no estimator, uniform masks."""
 
     enabled: bool = True
-    importance_mode: str = "full"  # full | learned_only | frequency_only | none
-    masking: str = "importance"  # importance (beta > 0 masks hard tokens more) | inverse | balanced | uniform
+    importance_mode: ImportanceMode = "full"  # full | learned_only | frequency_only | none
+    masking: Masking = "importance"  # importance (beta > 0 masks hard tokens more) | inverse | balanced | uniform
     beta0: float = 0.5  # tilt strength in logit space; p_i / t stays within about exp(+-3 beta0)
     # Every uniform_every-th row of the global batch keeps MDLM's uniform masks under a tilt; the estimator learns
     # from those rows (from every row while beta = 0), so its target does not move with beta (DESIGN 3.2).
@@ -132,12 +163,12 @@ class AtatConfig:
     estimator_num_heads: int = 4
     estimator_cond_dim: int = 64
     estimator_learning_rate: float = 1e-3
-    estimator_loss: str = "bce"  # bce | mse, against the rank percentile of the denoiser's per-token loss
+    estimator_loss: EstimatorLoss = "bce"  # bce | mse, against the rank percentile of the denoiser's per-token loss
     estimator_warmup_steps: int = 1000  # optimiser steps before the estimator drives masking
     diagnostics_batches: int = 8  # validation batches for the estimator's diagnostics at each evaluation
 
 
-# Curriculum variants (DESIGN 3.4): stage boundaries as fractions of training.
+# Curriculum variants (DESIGN 3.4): stage boundaries as fractions of training, one per CurriculumVariant.
 CURRICULUM_VARIANTS: dict[str, tuple[float, float] | None] = {
     "default": (0.33, 0.66),
     "early": (0.2, 0.6),
@@ -148,7 +179,7 @@ CURRICULUM_VARIANTS: dict[str, tuple[float, float] | None] = {
 
 @dataclass
 class CurriculumConfig:
-    variant: str = "default"  # default | early | late | none; default uses stage_1_end / stage_2_end as given
+    variant: CurriculumVariant = "default"  # default | early | late | none; default uses stage_1_end / stage_2_end as given
     stage_1_end: float = 0.33  # easy (beta = -beta0) until here
     stage_2_end: float = 0.66  # medium (beta = 0) until here, hard (beta = +beta0) after
     ramp: float = 0.0  # width (fraction of training) of a linear beta ramp centred on each boundary
@@ -202,6 +233,13 @@ def _name(key: Any) -> str:
 
 
 def _check_type(key: str, value: Any, annotation: Any) -> Any:
+    if typing.get_origin(annotation) is Literal:  # a choice: a string among the type's values
+        options = choices(annotation)
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected str, got {value!r} ({type(value).__name__})")
+        if value not in options:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(options)}")
+        return value
     allowed = _allowed_types(annotation)
     if value is None:
         if type(None) in allowed:
@@ -254,10 +292,6 @@ def _apply_model_size(model: ModelConfig, raw: dict[str, Any]) -> None:
 
 
 def _apply_curriculum_variant(curriculum: CurriculumConfig, raw: dict[str, Any]) -> None:
-    if curriculum.variant not in CURRICULUM_VARIANTS:
-        raise ConfigError(
-            f"curriculum.variant: unknown variant {curriculum.variant!r}; choose one of {', '.join(CURRICULUM_VARIANTS)}"
-        )
     bounds = CURRICULUM_VARIANTS[curriculum.variant]
     if curriculum.variant in ("default", "none") or bounds is None:
         return
@@ -390,11 +424,7 @@ def _require(ok: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
-def _one_of(value: Any, key: str, choices: tuple[str, ...]) -> None:
-    _require(value in choices, key, f"{value!r} is not one of {', '.join(choices)}")
-
-
-MODEL_NAMES = ("atat-dit", "mdlm-dit", "ar")  # ar: the autoregressive baseline (models/ar.py)
+MODEL_NAMES = choices(ModelName)
 
 
 def validate(cfg: Config) -> None:
@@ -403,11 +433,9 @@ def validate(cfg: Config) -> None:
     _require(d.max_length >= 4, "data.max_length", f"must be >= 4 (BOS, EOS and content), got {d.max_length}")
     _require(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
     _require(d.tokenizer_vocab_size >= 260, "data.tokenizer_vocab_size", "must be >= 260 (256 bytes + specials)")
-    _one_of(d.framing, "data.framing", ("packed", "padded"))
 
-    _one_of(m.name, "model.name", MODEL_NAMES)
     _require(
-        not (m.name == "ar" and cfg.atat.enabled),
+        not (m.is_ar and cfg.atat.enabled),
         "atat.enabled",
         "must be false with model.name: ar (ATAT adapts the masks of a diffusion model; the AR baseline has none)",
     )
@@ -424,7 +452,6 @@ def validate(cfg: Config) -> None:
     _require(0.0 <= m.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {m.dropout}")
     _require(m.vocab_size is None or m.vocab_size >= 2, "model.vocab_size", "must be >= 2 or null")
 
-    _one_of(df.schedule, "diffusion.schedule", SCHEDULE_NAMES)
     _require(0.0 < df.eps < 0.5, "diffusion.eps", f"must be in (0, 0.5), got {df.eps}")
     _require(df.eval_num_t >= 1, "diffusion.eval_num_t", f"must be >= 1, got {df.eval_num_t}")
 
@@ -434,7 +461,6 @@ def validate(cfg: Config) -> None:
     _require(t.weight_decay >= 0, "training.weight_decay", f"must be >= 0, got {t.weight_decay}")
     _require(0 <= t.beta1 < 1, "training.beta1", f"must be in [0, 1), got {t.beta1}")
     _require(0 <= t.beta2 < 1, "training.beta2", f"must be in [0, 1), got {t.beta2}")
-    _one_of(t.lr_schedule, "training.lr_schedule", ("constant", "cosine"))
     _require(0 <= t.min_lr_ratio <= 1, "training.min_lr_ratio", f"must be in [0, 1], got {t.min_lr_ratio}")
     _require(t.grad_clip >= 0, "training.grad_clip", f"must be >= 0 (0 disables), got {t.grad_clip}")
     _require(
@@ -450,8 +476,6 @@ def validate(cfg: Config) -> None:
     _require(
         t.max_nonfinite_steps >= 1, "training.max_nonfinite_steps", f"must be >= 1, got {t.max_nonfinite_steps}"
     )
-    _one_of(t.mixed_precision, "training.mixed_precision", ("bf16", "fp32"))
-    _one_of(t.strategy, "training.strategy", ("auto", "ddp", "fsdp", "none"))
     _require(
         t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"),
         "training.device",
@@ -459,8 +483,6 @@ def validate(cfg: Config) -> None:
     )
 
     a = cfg.atat
-    _one_of(a.importance_mode, "atat.importance_mode", ("full", "learned_only", "frequency_only", "none"))
-    _one_of(a.masking, "atat.masking", ("importance", "inverse", "balanced", "uniform"))
     _require(0 <= a.beta0 <= 5, "atat.beta0", f"must be in [0, 5] (p_i / t is bounded by exp(3 beta0)), got {a.beta0}")
     _require(a.uniform_every >= 2, "atat.uniform_every", f"must be >= 2 (1 would mask every row uniformly), got {a.uniform_every}")
     for key in ("estimator_hidden_dim", "estimator_num_layers", "estimator_num_heads", "estimator_cond_dim"):
@@ -472,7 +494,6 @@ def validate(cfg: Config) -> None:
         f"estimator_hidden_dim {a.estimator_hidden_dim} / estimator_num_heads {a.estimator_num_heads} must be an even integer",
     )
     _require(a.estimator_learning_rate > 0, "atat.estimator_learning_rate", f"must be > 0, got {a.estimator_learning_rate}")
-    _one_of(a.estimator_loss, "atat.estimator_loss", ("bce", "mse"))
     _require(a.estimator_warmup_steps >= 0, "atat.estimator_warmup_steps", f"must be >= 0, got {a.estimator_warmup_steps}")
     _require(a.diagnostics_batches >= 0, "atat.diagnostics_batches", f"must be >= 0, got {a.diagnostics_batches}")
 

@@ -31,23 +31,16 @@ from typing import Any
 import torch
 
 from mdlm_atat import __version__
-from mdlm_atat.config import Config, ConfigError, from_dict
+from mdlm_atat.config import Config, ConfigError
 from mdlm_atat.data.tokenizers import Tokenizer
 from mdlm_atat.hf.folder import AUTO_MAP, atat_backend, copy_remote_code, tokenizer_files
 from mdlm_atat.models import build_model, count_parameters
-from mdlm_atat.train.checkpoint import CheckpointError, is_export_dir, load_run_checkpoint, resolve_checkpoint
+from mdlm_atat.run import read_checkpoint, safetensors
+from mdlm_atat.train.checkpoint import CheckpointError, is_export_dir, resolve_checkpoint
 
 FORMAT_VERSION = 1
 WEIGHTS = {"ema": "EMA (as evaluation and sampling use)", "raw": "raw (not the EMA)"}  # how the card says them
 ALPHA = {"loglinear": "(1 - {eps}) t", "cosine": "(1 - {eps}) (1 - cos(pi t / 2))"}  # diffusion/schedule.py
-
-
-def _safetensors():
-    try:
-        from safetensors.torch import load_file, save_file
-    except ImportError:
-        raise CheckpointError("exported folders use safetensors: pip install safetensors") from None
-    return load_file, save_file
 
 
 def export_checkpoint(
@@ -58,21 +51,18 @@ def export_checkpoint(
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Write the export folder; returns a summary (paths, step, evaluation entries in the card)."""
-    _safetensors()  # before any work: a missing package is the first thing to say
+    safetensors()  # before any work: a missing package is the first thing to say
     path = resolve_checkpoint(checkpoint)
     if is_export_dir(path):
         raise CheckpointError(f"{path}: already an exported folder; export a .pt checkpoint or a run folder")
     out = _check_out(Path(out_dir), overwrite, path)
-    payload = load_run_checkpoint(path)
-    cfg = from_dict(payload["config"])
-    tokenizer = Tokenizer.from_json(payload["tokenizer"])
-    weights_key = "ema" if use_ema and payload.get("ema") is not None else "model"
-    step = payload["state"]["step"]
-    meta = {"step": step, "config_hash": payload["config_hash"], "weights": "ema" if weights_key == "ema" else "raw",
-            "tokens_seen": payload["state"]["samples_seen"] * cfg.data.max_length}
-    evaluations = collect_evaluations(path, step, payload["config_hash"], eval_files or [], cfg)
-    files = write_export(out, payload[weights_key], cfg, tokenizer, meta, evaluations, payload.get("estimator"))
-    return {"out": str(out_dir), "step": step, "weights": meta["weights"], "evaluations": len(evaluations),
+    saved = read_checkpoint(path)
+    cfg, tokenizer = saved.cfg, Tokenizer.from_json(saved.tokenizer)
+    state_dict, weights = saved.weights(use_ema)
+    meta = {"step": saved.step, "config_hash": saved.config_hash, "weights": weights, "tokens_seen": saved.tokens_seen}
+    evaluations = collect_evaluations(path, saved.step, saved.config_hash, eval_files or [], cfg)
+    files = write_export(out, state_dict, cfg, tokenizer, meta, evaluations, saved.estimator)
+    return {"out": str(out_dir), "step": saved.step, "weights": weights, "evaluations": len(evaluations),
             "files": files}
 
 
@@ -91,7 +81,7 @@ def write_export(
     `meta`: step, config_hash, weights ("ema", "raw", ...), optionally tokens_seen. `origin` replaces the model
     card's "trained with mdlm-atat" line (for weights trained elsewhere: `atat import`). Returns the file names.
     """
-    _, save_file = _safetensors()
+    _, save_file = safetensors()
     tensor_meta = {"format": "pt", **{k: str(meta[k]) for k in ("step", "config_hash", "weights")}}
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -173,7 +163,7 @@ def hf_config(cfg: Config, tokenizer: Tokenizer, meta: dict[str, Any], num_param
         "model_type": "mdlm-atat-dit",
         "architectures": ["MdlmAtatForMaskedLM"],
         "auto_map": AUTO_MAP,
-        "is_diffusion_model": m.name != "ar",
+        "is_diffusion_model": not m.is_ar,
         "hidden_size": m.hidden_dim,
         "num_hidden_layers": m.num_layers,
         "num_attention_heads": m.num_heads,
@@ -244,7 +234,7 @@ def model_card(
     cfg: Config, tokenizer: Tokenizer, meta: dict, num_parameters: int, evaluations: list, name: str,
     origin: str | None = None,
 ) -> str:
-    is_ar = cfg.model.name == "ar"
+    is_ar = cfg.model.is_ar
     method = ("an autoregressive baseline (causal DiT, next-token loss)" if is_ar else
               f"ATAT (importance {cfg.atat.importance_mode}, masking {cfg.atat.masking}, beta0 {cfg.atat.beta0}, "
               f"curriculum {cfg.curriculum.variant})" if cfg.atat.enabled else "MDLM (uniform masking)")
@@ -317,7 +307,7 @@ def model_card(
 
 def transformers_usage(cfg: Config, tokenizer: Tokenizer, name: str) -> list[str]:
     """The model card's "Load with transformers" section: code that runs as written, and what the logits are."""
-    if cfg.model.name == "ar":
+    if cfg.model.is_ar:
         predict = [
             'ids = tokenizer("The capital of France is", return_tensors="pt").input_ids',
             "logits = model(ids).logits  # (B, L, vocab_size); causal: position i scores token i + 1",
@@ -362,36 +352,3 @@ def transformers_usage(cfg: Config, tokenizer: Tokenizer, name: str) -> list[str
         f"the last bits can differ with the weights' memory layout). {meaning}",
     ]
 
-
-def load_export(
-    folder: str | Path, use_ema: bool = True, device: torch.device | str = "cpu"
-) -> tuple[torch.nn.Module, Config, Tokenizer, dict[str, Any]]:
-    """(model in eval mode, config, tokenizer, metadata) from an exported folder, as `load_for_inference` returns."""
-    load_file, _ = _safetensors()
-    folder = Path(folder)
-    try:
-        config = json.loads((folder / "config.json").read_text())
-        if config.get("model_type") == "mdlm":
-            raise CheckpointError(
-                f"{folder}: MDLM's released checkpoint (model_type mdlm), not an atat export; convert it once with "
-                f"`atat import --mdlm {folder} --out {folder.name}-atat` and pass that folder"
-            )
-        info = config["mdlm_atat"]
-        tok_info = json.loads((folder / "tokenizer_config.json").read_text())["mdlm_atat"]
-        backend = (folder / "tokenizer.json").read_text()
-    except (OSError, KeyError, json.JSONDecodeError, TypeError) as err:
-        raise CheckpointError(f"{folder}: not a complete atat export folder ({type(err).__name__}: {err})") from None
-    if not use_ema and info["weights"] == "ema":
-        raise ConfigError(f"--no-ema: {folder} holds the EMA weights only; export with --no-ema for the raw ones")
-    cfg = from_dict(info["config"])
-    tokenizer = Tokenizer.from_json(json.dumps({**tok_info, "backend": atat_backend(backend, tok_info)}))
-    model = build_model(cfg.model, tokenizer.num_tokens)
-    try:
-        model.load_state_dict(load_file(str(folder / "model.safetensors")))
-    except Exception as err:  # noqa: BLE001 - a damaged or mismatched file means the same to the user
-        raise CheckpointError(f"{folder / 'model.safetensors'}: cannot load ({type(err).__name__}: {err})") from None
-    model.to(device).eval()
-    meta = {"step": info["step"], "config_hash": info["config_hash"], "weights": info["weights"]}
-    if "tokens_seen" in info:  # folders exported before it was recorded lack it
-        meta["tokens_seen"] = info["tokens_seen"]
-    return model, cfg, tokenizer, meta

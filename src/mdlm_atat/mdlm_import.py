@@ -35,7 +35,8 @@ from mdlm_atat import __version__
 from mdlm_atat.config import Config, ConfigError, from_dict
 from mdlm_atat.data.sources import DataError
 from mdlm_atat.data.tokenizers import build_tokenizer
-from mdlm_atat.export import _check_out, _safetensors, write_export
+from mdlm_atat.export import _check_out, write_export
+from mdlm_atat.run import safetensors
 from mdlm_atat.train.checkpoint import CheckpointError
 
 PREFIX = "backbone."
@@ -65,7 +66,7 @@ class MdlmCheckpoint:
 
 def read_hub_folder(folder: Path, config: dict[str, Any]) -> MdlmCheckpoint:
     """`config`: the folder's config.json (model_type mdlm), already read."""
-    load_file, _ = _safetensors()
+    load_file, _ = safetensors()
     state = load_file(str(folder / "model.safetensors"))
     weights, head_dim = _backbone(state, folder / "model.safetensors")
     settings = {
@@ -293,7 +294,7 @@ def import_mdlm(
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Convert MDLM's hub folder or Lightning .ckpt into an export folder; returns a summary."""
-    _safetensors()  # before any work: a missing package is the first thing to say
+    safetensors()  # before any work: a missing package is the first thing to say
     folder = Path(source).expanduser()
     out = _check_out(Path(out_dir), overwrite, folder)  # as atat export: never over the source or other files
     release = read_release(source, use_ema)

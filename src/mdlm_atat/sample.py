@@ -19,21 +19,20 @@ from typing import Any
 
 import torch
 
-from mdlm_atat.config import ConfigError
+from mdlm_atat.config import ConfigError, SampleOrder, choices
 from mdlm_atat.data.tokenizers import Tokenizer
 from mdlm_atat.diffusion.samplers import AR_SAMPLERS, DIFFUSION_SAMPLERS, RowGenerators, count_steps, generate
 from mdlm_atat.diffusion.schedule import build_schedule
 from mdlm_atat.eval.generation import load_reference, sample_quality
-from mdlm_atat.eval.run import load_for_inference
 from mdlm_atat.progress import progress_bar
 from mdlm_atat.runtime import autocast_for, precision_name, resolve_device
-from mdlm_atat.train.checkpoint import resolve_checkpoint
+from mdlm_atat.run import load_for_inference, resolve_checkpoint
 from mdlm_atat.viz.trace import write_trace_html
 
 GAP = re.compile(r"\[MASK(?::(\d+))?\]")
 NEAR_GAP = re.compile(r"\[\s*mask\b[^\]]*\]?", re.IGNORECASE)  # [mask:2], [MASK: 3], [MASK:abc], [MASK:4
 TRACE_SAMPLES = 4  # samples of the first batch shown on the --trace page
-ORDERS = ("confidence", "easy-first")  # how the confidence sampler picks positions
+ORDERS = choices(SampleOrder)  # how the confidence sampler picks positions
 
 
 def parse_template(tokenizer: Tokenizer, template: str) -> list[int]:
@@ -116,10 +115,8 @@ def sample_checkpoint(
     """Generate `num_samples` texts; returns the summary (with the texts under "samples")."""
     path = resolve_checkpoint(checkpoint)
     torch_device = resolve_device(device)
-    model, cfg, tokenizer, meta = load_for_inference(
-        path, use_ema=use_ema, device=torch_device, with_estimator=order == "easy-first"
-    )
-    is_ar = cfg.model.name == "ar"
+    loaded = load_for_inference(path, use_ema=use_ema, device=torch_device, with_estimator=order == "easy-first")
+    model, cfg, tokenizer, is_ar = loaded.model, loaded.cfg, loaded.tokenizer, loaded.is_ar
     sampler = sampler or ("ar" if is_ar else "ancestral")
     allowed = AR_SAMPLERS if is_ar else DIFFUSION_SAMPLERS
     if sampler not in allowed:
@@ -151,7 +148,7 @@ def sample_checkpoint(
         notes.append("the model is time-conditioned: ancestral-cache falls back to ancestral (no cache)")
 
     ref = load_reference(reference, device=torch_device) if reference else None  # before the work: fail fast
-    importance = meta.get("estimator")
+    importance = loaded.estimator
     if order == "easy-first":
         if importance is None:
             raise ConfigError(
@@ -197,7 +194,7 @@ def sample_checkpoint(
         torch.cuda.synchronize(torch_device)
     seconds = time.perf_counter() - start
     texts = [content_text(tokenizer, ids, cfg.data.framing) for ids in token_rows]
-    if cfg.data.framing == "packed" and any(tokenizer.eos_id in ids for ids in token_rows):
+    if not cfg.data.padded and any(tokenizer.eos_id in ids for ids in token_rows):
         eos = tokenizer.decode([tokenizer.eos_id])
         notes.append(f"{eos} inside a sample is EOS: training blocks are documents packed end to end, each ended by "
                      f"EOS, so the model learned to end one document and begin another within a block")
@@ -205,9 +202,9 @@ def sample_checkpoint(
     num_given = sum(i != tokenizer.mask_id for i in content)
     summary: dict[str, Any] = {
         "checkpoint": str(path),
-        "step": meta["step"],
-        "config_hash": meta["config_hash"],
-        "weights": meta["weights"],
+        "step": loaded.step,
+        "config_hash": loaded.config_hash,
+        "weights": loaded.weights,
         "model": cfg.model.name,
         "sampler": sampler,
         **({"order": order} if sampler == "confidence" else {}),
@@ -241,7 +238,7 @@ def sample_checkpoint(
     if trace is not None:
         write_trace_html(
             trace, trace_rows, steps_taken, title=f"atat sample: {sampler}, {steps_taken} steps",
-            meta={"checkpoint": path, "step": meta["step"], "sampler": sampler, "seed": seed,
+            meta={"checkpoint": path, "step": loaded.step, "sampler": sampler, "seed": seed,
                   "length": len(content), "prefix": prefix, "infill": infill},
         )
     for note in notes:

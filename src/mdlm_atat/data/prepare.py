@@ -51,7 +51,7 @@ def prepare_datasets(
         tokenizer = build_tokenizer(dcfg, lambda dcfg=dcfg: iter_documents(dcfg, dcfg.train_split))
         echo(
             f"{source.name}: tokenizer {tokenizer.name} ({tokenizer.num_tokens:,} ids incl. MASK"
-            f"{' and PAD' if dcfg.framing == 'padded' else ''}, {tokenizer.fingerprint()}), framing {dcfg.framing}, "
+            f"{' and PAD' if dcfg.padded else ''}, {tokenizer.fingerprint()}), framing {dcfg.framing}, "
             f"L = {dcfg.max_length}, stores in {Path(dcfg.cache_dir).expanduser() / 'stores'}"
         )
         stores: dict[str, TokenStore] = {}

@@ -309,7 +309,7 @@ def prepare_split(cfg: DataConfig, tokenizer: Tokenizer, split: str, progress: b
     finally:
         tmp_bin.unlink(missing_ok=True)
 
-    if counts is not None and cfg.framing == "padded":
+    if counts is not None and cfg.padded:
         counts[tokenizer.pad_id] = 0  # padding is not a token the model learns
     seconds = time.perf_counter() - start
     manifest = {

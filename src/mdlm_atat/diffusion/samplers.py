@@ -35,11 +35,12 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from mdlm_atat.config import SamplerName, choices
 from mdlm_atat.diffusion.schedule import MaskingSchedule
 
-DIFFUSION_SAMPLERS = ("ancestral", "ancestral-cache", "confidence", "semi-ar")
+SAMPLERS = choices(SamplerName)  # config.py: the CLI reads its choices there
 AR_SAMPLERS = ("ar",)
-SAMPLERS = DIFFUSION_SAMPLERS + AR_SAMPLERS
+DIFFUSION_SAMPLERS = tuple(name for name in SAMPLERS if name not in AR_SAMPLERS)
 
 StepCallback = Callable[[int, torch.Tensor], None]  # (global step, canvas after the step (B, L)) -> None
 Importance = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x0 (B, L), t (B,)) -> importance (B, L)

@@ -62,11 +62,12 @@ class CheckpointReference:
 
     def __init__(self, checkpoint: str | Path, device: torch.device | str = "cpu", batch_size: int = 16):
         from mdlm_atat.config import ConfigError
-        from mdlm_atat.eval.run import load_for_inference
+        from mdlm_atat.run import load_for_inference
         from mdlm_atat.diffusion.objective import NextTokenObjective
 
-        model, cfg, tokenizer, meta = load_for_inference(checkpoint, device=device)
-        if cfg.model.name != "ar":
+        loaded = load_for_inference(checkpoint, device=device)
+        model, cfg, tokenizer = loaded.model, loaded.cfg, loaded.tokenizer
+        if not loaded.is_ar:
             raise ConfigError(
                 f"--reference {checkpoint}: a {cfg.model.name!r} checkpoint; the reference must be a causal LM "
                 "(an AR checkpoint, model.name: ar, or a HF causal LM)"
@@ -74,7 +75,7 @@ class CheckpointReference:
         self.model, self.tokenizer, self.device, self.batch_size = model, tokenizer, device, batch_size
         self.max_len = cfg.data.max_length
         self.objective = NextTokenObjective(tokenizer.mask_id)
-        self.name = f"{checkpoint} (AR, step {meta['step']})"
+        self.name = f"{checkpoint} (AR, step {loaded.step})"
 
     @torch.no_grad()
     def score(self, texts: Sequence[str]) -> tuple[float, int]:

@@ -11,60 +11,15 @@ from typing import Any
 
 import torch
 
-from mdlm_atat.config import Config, ConfigError, from_dict
+from mdlm_atat.config import ConfigError
 from mdlm_atat.data.loader import eval_batches
 from mdlm_atat.data.sources import DataError, with_split_fix
 from mdlm_atat.data.store import prepare_split
-from mdlm_atat.data.tokenizers import Tokenizer
 from mdlm_atat.eval.likelihood import evaluate_bound
-from mdlm_atat.models import build_model
 from mdlm_atat.progress import progress_bar
 from mdlm_atat.runtime import autocast_for, precision_name, resolve_device
-from mdlm_atat.train.checkpoint import is_export_dir, load_run_checkpoint, resolve_checkpoint
-from mdlm_atat.train.trainer import build_estimator, make_objective
+from mdlm_atat.run import LoadedModel, load_for_inference, make_objective, resolve_checkpoint
 
-
-def load_for_inference(
-    checkpoint: str | Path, use_ema: bool = True, device: torch.device | str = "cpu", with_estimator: bool = False
-) -> tuple[torch.nn.Module, Config, Tokenizer, dict[str, Any]]:
-    """(model in eval mode, config, tokenizer, the checkpoint's metadata) from a .pt file, a run folder or an
-    `atat export` folder. With `with_estimator`, the metadata's "estimator" is ATAT's importance estimator saved
-    with the weights, in eval mode, or None for a run without one (the MDLM baseline)."""
-    if is_export_dir(checkpoint):
-        from mdlm_atat.export import load_export
-
-        model, cfg, tokenizer, meta = load_export(checkpoint, use_ema=use_ema, device=device)
-        if with_estimator:
-            from safetensors.torch import load_file
-
-            file = Path(checkpoint) / "estimator.safetensors"
-            meta["estimator"] = _estimator(cfg, tokenizer, load_file(str(file)) if file.is_file() else None, device)
-        return model, cfg, tokenizer, meta
-    payload = load_run_checkpoint(checkpoint)
-    cfg = from_dict(payload["config"])
-    tokenizer = Tokenizer.from_json(payload["tokenizer"])
-    model = build_model(cfg.model, tokenizer.num_tokens)
-    weights = payload["ema"] if use_ema and payload.get("ema") is not None else payload["model"]
-    model.load_state_dict(weights)
-    model.to(device).eval()
-    meta = {
-        "step": payload["state"]["step"],
-        "tokens_seen": payload["state"]["samples_seen"] * cfg.data.max_length,
-        "config_hash": payload["config_hash"],
-        "weights": "ema" if weights is payload.get("ema") else "raw",
-    }
-    if with_estimator:  # from the payload already read: a checkpoint with its optimiser is GBs at real sizes
-        meta["estimator"] = _estimator(cfg, tokenizer, payload.get("estimator"), device)
-    return model, cfg, tokenizer, meta
-
-
-def _estimator(cfg: Config, tokenizer: Tokenizer, state: dict | None, device: torch.device | str):
-    """The importance estimator from its saved state (buffers included), in eval mode; None without one."""
-    estimator = build_estimator(cfg, tokenizer.num_tokens, None) if state else None
-    if estimator is None:
-        return None
-    estimator.load_state_dict(state)
-    return estimator.to(device).eval()
 
 
 def evaluate_checkpoint(
@@ -141,7 +96,7 @@ def _check_counts(num_t: int | None, batch_size: int | None, max_batches: int) -
 
 
 def _evaluate_loaded(
-    loaded: tuple[torch.nn.Module, Config, Tokenizer, dict[str, Any]],
+    loaded: LoadedModel,
     path: Path,
     torch_device: torch.device,
     dataset: str | None,
@@ -154,12 +109,11 @@ def _evaluate_loaded(
     position: str = "",
     cache: bool = True,
 ) -> dict[str, Any]:
-    model, cfg, tokenizer, meta = loaded
+    cfg, tokenizer = loaded.cfg, loaded.tokenizer
     data_cfg = cfg.data if dataset is None else dataclasses.replace(cfg.data, dataset_name=dataset)
     split = split or data_cfg.val_split
     batch_size = data_cfg.batch_size if batch_size is None else batch_size
     num_t = cfg.diffusion.eval_num_t if num_t is None else num_t
-    is_ar = cfg.model.name == "ar"
     with contextlib.ExitStack() as stack:
         if not cache:  # --no-cache: the tokenized copy lives in a temporary folder, removed once scored
             temporary = stack.enter_context(tempfile.TemporaryDirectory(prefix="atat-eval-"))
@@ -170,7 +124,7 @@ def _evaluate_loaded(
             raise with_split_fix(err, "pass --split (or NAME:SPLIT in --datasets) with one of them") from None
         num_batches = min(-(-len(store.blocks) // batch_size), max_batches or math.inf)
         result = evaluate_bound(
-            model,
+            loaded.model,
             make_objective(cfg, tokenizer),
             progress_bar(  # on a terminal: one bar per dataset, batch by batch
                 eval_batches(store.blocks, batch_size, max_batches=max_batches), total=num_batches, unit="batch",
@@ -181,29 +135,29 @@ def _evaluate_loaded(
             seed=seed,
             device=torch_device,
             autocast=autocast_for(torch_device, cfg.training.mixed_precision),
-            pad_id=tokenizer.pad_id if data_cfg.framing == "padded" else None,
+            pad_id=tokenizer.pad_id if data_cfg.padded else None,
         )
     L = data_cfg.max_length
     return {
         **result.to_dict(),
-        "step": meta["step"],
-        "tokens_seen": meta.get("tokens_seen"),  # training tokens behind these weights (not in an export)
-        "config_hash": meta["config_hash"],
-        "weights": meta["weights"],
+        "step": loaded.step,
+        "tokens_seen": loaded.tokens_seen,  # training tokens behind these weights (not in an older export)
+        "config_hash": loaded.config_hash,
+        "weights": loaded.weights,
         "checkpoint": str(path),
         "dataset": data_cfg.dataset_name,
         "split": split,
         "tokenizer": tokenizer.name,
         "framing": (
             f"packed: documents + EOS concatenated, cut into {L - 2}-token blocks framed [BOS] ... [EOS] (L = {L})"
-            if data_cfg.framing == "packed"
+            if not data_cfg.padded
             else f"{data_cfg.framing}: one document per row, [BOS] document [EOS] then PAD to L = {L}"
         ),
         "precision": precision_name(torch_device, cfg.training.mixed_precision),
         "objective": (
             "exact NLL: autoregressive next-token loss, causal DiT; each block's first token (BOS) is context, "
             "the other L - 1 are counted"
-            if is_ar
+            if loaded.is_ar
             else "MDLM NELBO, uniform masking, log-linear schedule, continuous time"
         ),
     }

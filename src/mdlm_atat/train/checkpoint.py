@@ -16,7 +16,6 @@ import os
 import pickle
 import random
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -192,23 +191,6 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(err).__name__}: {reason})") from None
 
 
-CHECKPOINT_KEYS = ("config", "tokenizer", "state", "model")  # what every checkpoint of atat train holds
-
-
-def load_run_checkpoint(path: str | Path) -> dict[str, Any]:
-    """`load_checkpoint`, and a CheckpointError when the file is a torch file but not one that atat train wrote
-    (a bare state dict, another project's checkpoint)."""
-    payload = load_checkpoint(path)
-    missing = [key for key in CHECKPOINT_KEYS if not isinstance(payload, dict) or key not in payload]
-    if missing:
-        raise CheckpointError(
-            f"{resolve_checkpoint(path)}: not a checkpoint of atat train (a torch file without "
-            f"{', '.join(repr(k) for k in missing)}); pass RUN/checkpoints/last.pt or best.pt, a run folder or an "
-            "atat export folder"
-        )
-    return payload
-
-
 BEST = "best.pt"
 RESUME_ORDER = (LAST, PREVIOUS, BEST)  # newest first; best.pt is a full checkpoint too, kept at the best step
 
@@ -217,35 +199,6 @@ def has_checkpoint(run_dir: Path) -> bool:
     """Whether the run folder holds a checkpoint to resume from (last.pt, the previous one it keeps, best.pt)."""
     folder = checkpoint_dir(run_dir)
     return any((folder / name).is_file() for name in RESUME_ORDER)
-
-
-_reported: set[str] = set()  # fallbacks already reported in this process (the CLI and the trainer both load)
-
-
-def load_resume_checkpoint(run_dir: Path) -> tuple[dict[str, Any], Path]:
-    """(payload, path) of the newest readable checkpoint of a run: last.pt, else last.prev.pt, else best.pt, with
-    a note on stderr that names the bad or missing file. A CheckpointError naming every file tried when none is
-    readable."""
-    folder = checkpoint_dir(run_dir)
-    errors = []
-    for path in (folder / name for name in RESUME_ORDER):
-        if not path.is_file():
-            if path.name == LAST:
-                errors.append(f"{path}: not found")
-            continue
-        try:
-            payload = load_run_checkpoint(path)
-        except CheckpointError as err:
-            errors.append(str(err))
-            continue
-        if path.name != LAST and errors[0] not in _reported:
-            _reported.add(errors[0])
-            print(f"note: {errors[0]}; resuming from {path} (step {payload['state']['step']}) instead", file=sys.stderr)
-        return payload, path
-    errors = [e for e in errors if not e.endswith(": not found")]
-    if errors:
-        raise CheckpointError(" | ".join(errors) + " | no readable checkpoint left to resume from")
-    raise CheckpointError(f"{run_dir}: no checkpoints/last.pt to resume from; start the run without --resume")
 
 
 def rng_state() -> dict[str, Any]:

@@ -12,11 +12,12 @@ counted, and too many in a row stop the run (train/faults.py).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass
+
 from pathlib import Path
 from typing import Any
 
@@ -24,39 +25,22 @@ import numpy as np
 import torch
 
 from mdlm_atat.config import Config, ConfigError, advisories
-from mdlm_atat.data.loader import attention_mask, eval_batches, train_batches
+from mdlm_atat.data.loader import eval_batches, train_batches
 from mdlm_atat.data.tokenizers import Tokenizer
-from mdlm_atat.diffusion.atat import AtatTraining
-from mdlm_atat.diffusion.objective import MaskedDiffusionObjective
-from mdlm_atat.diffusion.schedule import build_schedule
 from mdlm_atat.eval.diagnostics import importance_diagnostics, masking_profile, stage_betas
 from mdlm_atat.eval.likelihood import BoundResult, evaluate_bound
 from mdlm_atat.models import build_model, count_parameters
-from mdlm_atat.models.importance import ImportanceEstimator, unigram_surprisal
 from mdlm_atat.pipeline import build_run_data
 from mdlm_atat.progress import progress_bar
+from mdlm_atat.run import Run, RunCheckpoint, method_name, read_resume_checkpoint
 from mdlm_atat.runtime import autocast_for, precision_name
 from mdlm_atat.train import distributed
 from mdlm_atat.train.checkpoint import (
-    RunDirError, checkpoint_dir, has_checkpoint, load_resume_checkpoint, rng_state, save_checkpoint, set_rng_state,
+    RunDirError, checkpoint_dir, has_checkpoint, save_checkpoint,
 )
 from mdlm_atat.train.faults import GracefulStop, NonFiniteGuard, check_writable
 from mdlm_atat.train.metrics import MetricsLog, build_sinks, note
-from mdlm_atat.train.optim import build_ema, build_optimizer, build_scheduler
 from mdlm_atat.train.rundir import RunLock, check_new_run_dir, check_resume_config, trim_metrics
-
-
-@dataclass
-class TrainState:
-    step: int = 0  # optimiser steps taken
-    samples_seen: int = 0  # training sequences consumed: the data position
-    best_val_nelbo: float = math.inf
-    nonfinite_steps: int = 0  # updates skipped for a NaN/inf loss or gradient (train/faults.py)
-    nonfinite_in_a_row: int = 0
-    # The log window in progress (what the next logged loss averages): saved, so a run resumed mid-window logs
-    # the numbers the uninterrupted run logs. The sum is the mean over ranks (float32, stored exactly).
-    log_loss_sum: float = 0.0
-    log_applied_steps: int = 0
 
 
 def seed_everything(seed: int) -> None:
@@ -65,48 +49,23 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def make_objective(cfg: Config, tokenizer: Tokenizer) -> MaskedDiffusionObjective:
-    if cfg.model.name == "ar":  # the AR baseline: same loop, next-token NLL (models/ar.py)
-        from mdlm_atat.diffusion.objective import NextTokenObjective
-
-        return NextTokenObjective(tokenizer.mask_id)
-    schedule = build_schedule(cfg.diffusion.schedule, cfg.diffusion.eps)
-    # The DiT fuses its output projection with the SUBS loss: no (M, V) logits (diffusion/fused_loss.py).
-    return MaskedDiffusionObjective(
-        schedule, tokenizer.mask_id, cfg.diffusion.antithetic, fused=True, mask_padding=cfg.diffusion.mask_padding
-    )
-
-
-def method_name(cfg: Config) -> str:
-    """What the run trains, as metrics.jsonl, the report and the console name it."""
-    if cfg.model.name == "ar":
-        return "ar (autoregressive baseline: causal DiT, next-token loss)"
-    return f"atat ({cfg.atat.importance_mode}, {cfg.atat.masking})" if cfg.atat.enabled else "mdlm"
-
-
-def build_estimator(cfg: Config, num_tokens: int, unigram_counts) -> ImportanceEstimator | None:
-    """ATAT's importance estimator with the training split's unigram surprisal, or None for the MDLM baseline."""
-    if not cfg.atat.enabled:
-        return None
-    surprisal = unigram_surprisal(unigram_counts, num_tokens) if unigram_counts is not None else None
-    return ImportanceEstimator(cfg.atat, num_tokens, surprisal)
-
-
 def train(
-    cfg: Config, run_dir: Path, resume: bool = False, max_steps: int | None = None, restart: bool = False
+    cfg: Config, run_dir: Path, resume: bool = False, max_steps: int | None = None, restart: bool = False,
+    checkpoint: tuple[RunCheckpoint, Path] | None = None,
 ) -> dict[str, Any]:
     """Train from scratch into `run_dir`, or continue the run saved there. Returns a summary of the run.
 
     `max_steps` stops this invocation at that global step without changing the LR schedule or the curriculum,
     which follow `training.total_steps`. A new run needs a folder without another run's files; `restart` lets it
     start over a run that never saved a checkpoint (`--resume --config` relaunched). One process trains in a
-    folder at a time (train/rundir.py). Under torchrun every process calls this: it joins the process group,
+    folder at a time (train/rundir.py). `checkpoint`: the (checkpoint, path) a resume continues from, when the
+    caller has read it already (the CLI does, for its config): a checkpoint is read once. Under torchrun every process calls this: it joins the process group,
     trains its share of each global batch and leaves the group (train/distributed.py, docs/distributed.md).
     """
     dist_env = distributed.init_distributed(cfg.training.device)
     finished = False
     try:
-        summary = _train(cfg, Path(run_dir), resume, max_steps, dist_env, restart)
+        summary = _train(cfg, Path(run_dir), resume, max_steps, dist_env, restart, checkpoint)
         finished = True
         return summary
     finally:
@@ -114,11 +73,12 @@ def train(
 
 
 def _train(
-    cfg: Config, run_dir: Path, resume: bool, max_steps: int | None, dist_env: distributed.DistEnv, restart: bool
+    cfg: Config, run_dir: Path, resume: bool, max_steps: int | None, dist_env: distributed.DistEnv, restart: bool,
+    checkpoint: tuple[RunCheckpoint, Path] | None,
 ) -> dict[str, Any]:
     locks: list[RunLock | None] = []  # the run folder's lock once taken (rank 0 holds it; None elsewhere)
     try:
-        return _train_locked(cfg, run_dir, resume, max_steps, dist_env, restart, locks)
+        return _train_locked(cfg, run_dir, resume, max_steps, dist_env, restart, locks, checkpoint)
     finally:
         for lock in locks:
             if lock is not None:
@@ -155,77 +115,49 @@ def _check_folder(run_dir: Path, resume: bool, restart: bool) -> None:
 
 def _train_locked(
     cfg: Config, run_dir: Path, resume: bool, max_steps: int | None, dist_env: distributed.DistEnv, restart: bool,
-    locks: list[RunLock | None],
+    locks: list[RunLock | None], checkpoint: tuple[RunCheckpoint, Path] | None,
 ) -> dict[str, Any]:
     last_path = checkpoint_dir(run_dir) / "last.pt"
-    payload = None
+    saved = None
     if run_dir.is_dir():  # a folder that exists is locked before anything is read from it
         locks.append(_lock(run_dir, dist_env, cfg, resume, restart))
     else:
         _check_folder(run_dir, resume, restart)  # --resume on a folder that is not there
     if resume:
-        payload, resumed_from = load_resume_checkpoint(run_dir)  # last.pt, or an older one when it is unreadable
-        check_resume_config(payload["config"], cfg, resumed_from)  # before anything is written
+        # last.pt, or an older one when it is unreadable; read here unless the caller has read it
+        saved, resumed_from = checkpoint or read_resume_checkpoint(run_dir)
+        check_resume_config(saved.config, cfg, resumed_from)  # before anything is written
     tc = cfg.training
     seed_everything(tc.seed)  # the same seed on every rank: the modules are built equal
     device = dist_env.device
     autocast = autocast_for(device, tc.mixed_precision)
     check_writable(cfg.data.cache_dir, "data.cache_dir")  # a path that cannot be written: one line, not a traceback
 
-    saved_tokenizer = Tokenizer.from_json(payload["tokenizer"]) if payload else None
+    saved_tokenizer = Tokenizer.from_json(saved.tokenizer) if saved is not None else None
     # Rank 0 fills the tokenizer / token-store cache first; the others then reuse it.
     data = distributed.rank0_first(dist_env, lambda: build_run_data(cfg.data, tokenizer=saved_tokenizer))
-    _check_vocab(cfg, data.tokenizer)
+    cfg = with_tokenizer_vocab(cfg, data.tokenizer)  # a new config: the validated one is never changed
     check_writable(run_dir, "--log-dir")  # only once the data is there: a failed start leaves no folder
     if not locks:  # a new folder: locked once made, and checked again (another command may have started there)
         locks.append(_lock(run_dir, dist_env, cfg, resume, restart))
     if dist_env.is_main:
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
 
-    model = build_model(cfg.model, data.tokenizer.num_tokens).to(device)
+    run = Run.build(cfg, data.tokenizer, dist_env, data.train.unigram_counts, resume_from=saved)
+    model, estimator, ema, objective, atat, state = run.model, run.estimator, run.ema, run.objective, run.atat, run.state
+    scheduler = run.scheduler
     if dist_env.is_main:
         _note_cpu_cost(model, device, cfg)
-    objective = make_objective(cfg, data.tokenizer)
-    estimator = build_estimator(cfg, data.tokenizer.num_tokens, data.train.unigram_counts)
-    if estimator is not None:
-        estimator.to(device)
-    ema = build_ema(model, tc.ema_decay)
-    state = TrainState()
-    if payload is not None:  # consolidated weights, loaded into the plain modules before sharding: any world size
-        model.load_state_dict(payload["model"])
-        if estimator is not None:
-            estimator.load_state_dict(payload["estimator"])
-        if ema is not None:
-            ema.module.load_state_dict(payload["ema"])
-            ema.num_updates = int(payload["ema_num_updates"])
-        state = TrainState(**payload["state"])
-        set_rng_state(payload["rng"])
-    # compile, then DDP / FSDP2 (train/distributed.py). `model` and `estimator` stay the modules whose state is
-    # saved (no `_orig_mod.`, no `module.`); `parallel.model` and `parallel.estimator` are what the step calls.
-    parallel = distributed.parallelize(model, estimator, ema.module if ema is not None else None, tc, dist_env)
-    atat = None
-    extra_groups = []
-    if estimator is not None:
-        atat = AtatTraining(cfg, estimator, forward=parallel.estimator)
-        if estimator.learned:  # its own group and LR; no weight decay
-            extra_groups.append(
-                {"params": list(estimator.parameters()), "lr": cfg.atat.estimator_learning_rate, "weight_decay": 0.0}
-            )
-    optimizer = build_optimizer(model, tc, device, extra_groups)  # after sharding: FSDP2 replaces the parameters
-    scheduler = build_scheduler(optimizer, tc)
-    if payload is not None:
-        distributed.load_full_optimizer_state_dict(optimizer, payload["optimizer"])
-        scheduler.load_state_dict(payload["scheduler"])
 
     end_step = tc.total_steps if max_steps is None else min(max_steps, tc.total_steps)
     batch_size, accum = cfg.data.batch_size, tc.gradient_accumulation_steps
-    global_batch = batch_size * dist_env.world_size * accum  # sequences per optimiser step, all ranks together
+    global_batch = run.global_batch  # sequences per optimiser step, all ranks together
     tokens_per_step = global_batch * cfg.data.max_length
     batches = train_batches(  # this rank's disjoint share of each global batch
         data.train_blocks, batch_size, seed=tc.seed, start_sample=state.samples_seen, rank=dist_env.rank,
         world_size=dist_env.world_size, num_workers=cfg.data.num_workers,
     )
-    if dist_env.is_main and payload is not None:  # steps after the checkpoint are run again, to the same numbers
+    if dist_env.is_main and saved is not None:  # steps after the checkpoint are run again, to the same numbers
         dropped = trim_metrics(run_dir / "metrics.jsonl", state.step)
         if dropped:
             print(f"note: {run_dir / 'metrics.jsonl'}: {dropped} records after step {state.step} (the checkpoint) "
@@ -241,7 +173,7 @@ def _train_locked(
             note(line)
     metrics.write(
         {
-            "event": "start" if payload is None else "resume",
+            "event": "start" if saved is None else "resume",
             "step": state.step,
             "device": str(device),
             "precision": precision_name(device, tc.mixed_precision),
@@ -252,7 +184,7 @@ def _train_locked(
             "train_blocks": len(data.train_blocks),
             "val_blocks": len(data.val_blocks),
             "world_size": dist_env.world_size,
-            "strategy": parallel.strategy,
+            "strategy": run.parallel.strategy,
             "batch_size_per_device": batch_size,
             "gradient_accumulation_steps": accum,
             "global_batch_size": global_batch,
@@ -261,29 +193,10 @@ def _train_locked(
         }
     )
 
-    def checkpoint_payload() -> dict[str, Any]:
+    def save(path: Path) -> None:
         state.log_loss_sum = distributed.mean_over_ranks(loss_sum.clone(), dist_env).item()  # a collective
         state.log_applied_steps = applied_since_log
-        return {
-            "format_version": 1,
-            "config": cfg.to_dict(),
-            "config_hash": cfg.hash(),
-            "state": asdict(state),
-            "world_size": dist_env.world_size,
-            # Consolidated (full) tensors in the single-process layout: gathered from the shards under FSDP.
-            "model": distributed.full_state_dict(model, keep=dist_env.is_main),
-            "estimator": estimator.state_dict() if estimator is not None else None,
-            "curriculum": asdict(atat.curriculum.state(state.step)) if atat is not None else None,
-            "ema": distributed.full_state_dict(ema.module, keep=dist_env.is_main) if ema is not None else None,
-            "ema_num_updates": ema.num_updates if ema is not None else 0,
-            "optimizer": distributed.full_optimizer_state_dict(optimizer, keep=dist_env.is_main),
-            "scheduler": scheduler.state_dict(),
-            "rng": rng_state(),
-            "tokenizer": data.tokenizer.to_json(),
-        }
-
-    def save(path: Path) -> None:
-        payload = checkpoint_payload()  # on every rank: the FSDP gathers are collectives
+        payload = run.checkpoint().to_dict()  # on every rank: the FSDP gathers are collectives
         if dist_env.is_main:
             save_checkpoint(path, payload)
 
@@ -302,7 +215,7 @@ def _train_locked(
                 seed=tc.seed,
                 device=device,
                 autocast=autocast,
-                pad_id=data.tokenizer.pad_id if cfg.data.framing == "padded" else None,
+                pad_id=data.tokenizer.pad_id if cfg.data.padded else None,
             )
             improved = result.nelbo < state.best_val_nelbo
             if improved:
@@ -338,7 +251,7 @@ def _train_locked(
                     stage_betas(atat.curriculum),
                     eval_batches(data.val_blocks, batch_size, max_batches=1),  # 10 estimator passes per batch
                     balanced=cfg.atat.masking == "balanced",
-                    pad_id=data.tokenizer.pad_id if cfg.data.framing == "padded" else None,
+                    pad_id=data.tokenizer.pad_id if cfg.data.padded else None,
                     device=device,
                 )
                 metrics.write({"event": "masking_profile", "step": state.step, **profile}, console=False)
@@ -355,7 +268,6 @@ def _train_locked(
         total=end_step, initial=state.step, desc="train", unit="step", dynamic_ncols=True, mininterval=1.0,
         disable=not dist_env.is_main,
     )
-    draw_generator = torch.Generator(device=device)
     guard = NonFiniteGuard(tc.max_nonfinite_steps, metrics, last_path)
     stop = GracefulStop().install()  # SIGTERM / SIGINT: finish the step, save, return (train/faults.py)
     stopped = None
@@ -363,54 +275,13 @@ def _train_locked(
     model.train()
     try:
         while state.step < end_step:
-            # t (antithetic over the whole global batch) and the masks' uniforms are functions of (seed, step):
-            # every rank draws the global batch's and takes its rows, so any world size corrupts sample k alike.
-            distributed.seed_step_dropout(tc.seed, state.step, dist_env.rank)
-            t_all, noise_all = distributed.step_draws(
-                objective, tc.seed, state.step, global_batch, cfg.data.max_length, device, draw_generator
-            )  # (global_batch,), (global_batch, L)
             regular_log = (state.step + 1) % tc.log_every_n_steps == 0 or state.step == 0
             log_now = regular_log or state.step + 1 == end_step
-            step_loss = torch.zeros((), device=device)  # denoiser + estimator: what the guard checks
-            step_nelbo = torch.zeros((), device=device)  # the denoiser's alone: what is logged
-            for micro in range(accum):
-                x0 = next(batches).to(device, non_blocking=True)  # (B, L)
-                real = attention_mask(x0, data.tokenizer, cfg.data.framing)  # None when packed: all real
-                rows = distributed.local_rows(micro, dist_env, batch_size)
-                t, noise = t_all[rows], noise_all[rows]  # (B,), (B, L)
-                with parallel.gradient_sync(micro == accum - 1):  # reduce gradients in the last micro-step only
-                    with autocast:
-                        if atat is None:
-                            terms = objective(parallel.model, x0, t=t, attention_mask=real, uniform_noise=noise)
-                            loss = terms.loss
-                        else:
-                            atat_step = atat(
-                                objective, parallel.model, x0, t, state.step, real, with_stats=log_now,
-                                uniform_noise=noise, row_offset=rows.start,
-                            )
-                            terms = atat_step.terms
-                            loss = terms.loss + atat_step.estimator_loss  # disjoint parameters: stop-gradient
-                    (loss / accum).backward()
-                step_loss += loss.detach() / accum
-                step_nelbo += terms.loss.detach() / accum
-            max_norm = tc.grad_clip if tc.grad_clip > 0 else math.inf
-            grad_norm = distributed.clip_grad_norm_(list(model.parameters()), max_norm)
-            estimator_norm = torch.zeros((), device=device)
-            if estimator is not None and estimator.learned:
-                estimator_norm = torch.nn.utils.clip_grad_norm_(estimator.parameters(), max_norm)  # its own budget
-            # A NaN/inf loss or gradient skips the update (no optimiser or EMA step; the step still counts): one
-            # host sync per step to decide.
-            loss_value, norm_value = torch.stack([step_loss, grad_norm + estimator_norm]).tolist()
-            if guard.check(state, loss_value, norm_value, dist_env):
-                optimizer.step()
-                if ema is not None:
-                    ema.update_parameters(model)
-                loss_sum += step_nelbo
+            step = run.train_step(batches, autocast, guard=guard, with_stats=log_now)
+            if step.applied:
+                loss_sum += step.nelbo
                 applied_since_log += 1
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            state.step += 1
-            state.samples_seen += global_batch
+            grad_norm, atat_step = step.grad_norm, step.atat
             steps_since_log += 1
             progress.update(1)
 
@@ -432,7 +303,7 @@ def _train_locked(
                         "tokens_seen": state.samples_seen * cfg.data.max_length,
                         "tokens_per_s": steps_since_log * tokens_per_step / elapsed,
                         "tokens_per_s_per_device": steps_since_log * tokens_per_step / elapsed / dist_env.world_size,
-                        **(_atat_record(atat_step) if atat is not None else {}),
+                        **(_atat_record(atat_step) if atat_step is not None else {}),
                         **({"nonfinite_steps": state.nonfinite_steps} if state.nonfinite_steps else {}),
                     }
                 )
@@ -497,13 +368,14 @@ def _atat_record(step) -> dict[str, Any]:
     return record
 
 
-def _check_vocab(cfg: Config, tokenizer: Tokenizer) -> None:
-    """model.vocab_size: null takes the tokenizer's; a stated size must match it (the saved config records it)."""
+def with_tokenizer_vocab(cfg: Config, tokenizer: Tokenizer) -> Config:
+    """The config with model.vocab_size resolved, as the run saves it: null takes the tokenizer's; a stated size
+    must match it. Derived, never written into `cfg`."""
     if cfg.model.vocab_size is None:
-        cfg.model.vocab_size = tokenizer.vocab_size
-    elif cfg.model.vocab_size != tokenizer.vocab_size:
+        return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size))
+    if cfg.model.vocab_size != tokenizer.vocab_size:
         raise ConfigError(
             f"model.vocab_size: {cfg.model.vocab_size} does not match the tokenizer {tokenizer.name!r} "
             f"({tokenizer.vocab_size} tokens); set it to {tokenizer.vocab_size} or null"
         )
-
+    return cfg
