@@ -119,8 +119,8 @@ class MaskedDiffusionObjective:
         """Forward process q(x_t | x0): each real token becomes MASK with probability alpha(t).
 
         x0 (B, L), t (B,) -> x_t (B, L), masked (B, L) bool: the loss positions, never padding (which is MASK in
-        x_t too with `mask_padding`, as in MDLM). `uniform_noise` (B, L)
-        in [0, 1) (float64, see mask_draws) replaces the draw (evaluation passes noise drawn on the CPU so results match across devices).
+        x_t too with `mask_padding`, as in MDLM). `uniform_noise` (B, L) in [0, 1) (float64, see mask_draws)
+        replaces the draw (evaluation passes noise drawn on the CPU so results match across devices).
         `mask_probs` (B, L) replaces alpha(t) per token (adaptive masking, DESIGN 3.3).
         """
         probs = self.schedule.mask_prob(t)[:, None] if mask_probs is None else mask_probs  # (B, 1) or (B, L)
@@ -192,7 +192,8 @@ class MaskedDiffusionObjective:
 
 
 class NextTokenObjective:
-    """The AR baseline's objective (models/ar.py): mean next-token NLL in nats per predicted token: -log p(x_i | x_<i) for i = 1 .. L-1 (teacher forcing).
+    """The AR baseline's objective (models/ar.py): mean next-token NLL in nats per predicted token,
+    -log p(x_i | x_<i) for i = 1 .. L-1 (teacher forcing).
 
     Position 0 (BOS under the packed framing) is context only. `t`, `generator` and `uniform_noise` exist for the
     diffusion objective's signature and are unused; `sample_t` returns zeros.

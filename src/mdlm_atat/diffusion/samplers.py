@@ -36,6 +36,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from mdlm_atat.config import SamplerName, choices
+from mdlm_atat.diffusion.objective import mask_draws
 from mdlm_atat.diffusion.schedule import MaskingSchedule
 
 SAMPLERS = choices(SamplerName)  # config.py: the CLI reads its choices there
@@ -140,22 +141,22 @@ Generator = torch.Generator | RowGenerators | None
 def uniform(shape: tuple[int, int], generator: Generator, device: torch.device) -> torch.Tensor:
     """U[0, 1) draws of `shape` (B, L) in float64, row b from generator b with RowGenerators."""
     if isinstance(generator, RowGenerators):
-        return torch.stack([torch.rand(shape[1:], generator=g, device=device, dtype=torch.float64)
-                            for g in generator.generators])
-    return torch.rand(shape, generator=generator, device=device, dtype=torch.float64)
+        return torch.stack([mask_draws(shape[1:], device, g) for g in generator.generators])
+    return mask_draws(shape, device, generator)
 
 
 def gumbel_argmax(
     logits: torch.Tensor, mask_id: int, generator: Generator, rows_per_chunk: int = 2048,
-    rows: torch.Tensor | None = None,
+    selected: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One categorical draw per row of logits (M, V), Gumbel-max in float64; MASK is excluded. -> (M,) long.
 
-    With RowGenerators, `rows` (M,) names the sequence each logits row belongs to (ascending, as boolean indexing
-    of a (B, L) canvas gives them) and its noise comes from that sequence's stream. Chunked over rows so that the
-    float64 noise stays at most rows_per_chunk x V (0.8 GB for GPT-2's V)."""
+    With RowGenerators, `selected` (B, ...) bool is the mask whose boolean indexing gave the logits' rows (so
+    they come sequence by sequence), and each sequence's rows draw their noise from its own stream; other
+    generators need no `selected` (no per-step count, no host sync). Chunked over rows so that the float64 noise
+    stays at most rows_per_chunk x V (0.8 GB for GPT-2's V)."""
     if isinstance(generator, RowGenerators):
-        counts = torch.bincount(rows, minlength=len(generator)).tolist()
+        counts = selected.flatten(1).sum(-1).tolist()  # (B,) rows of logits per sequence
         pieces = logits.split(counts)
         return torch.cat([gumbel_argmax(piece, mask_id, g, rows_per_chunk)
                           for piece, g in zip(pieces, generator.generators)])
@@ -222,7 +223,7 @@ def ancestral(
         if decoding or not cache:  # without the cache, MDLM's ddpm_update: one call per step, whatever it decodes
             logits = network.logits(x, noise, unmask)
         if decoding:
-            x[unmask] = gumbel_argmax(logits, mask_id, generator, rows=unmask.nonzero()[:, 0])
+            x[unmask] = gumbel_argmax(logits, mask_id, generator, selected=unmask)
             decode_step[unmask] = step_offset + k
     return x, decode_step
 
@@ -293,7 +294,7 @@ def confidence(
             order = torch.sort(score, dim=-1, descending=True, stable=True).indices  # (B, L): most confident first
             rank = torch.empty_like(order).scatter_(1, order, positions)  # (B, L): each position's rank
             chosen = masked & (rank < count[:, None])
-            x[chosen] = gumbel_argmax(logits[chosen[candidates]], mask_id, generator, rows=chosen.nonzero()[:, 0])
+            x[chosen] = gumbel_argmax(logits[chosen[candidates]], mask_id, generator, selected=chosen)
             decode_step[chosen] = step_offset + k
     return x, decode_step
 
@@ -324,7 +325,7 @@ def autoregressive(
         last = torch.zeros((B, i), dtype=torch.bool, device=x.device)
         last[:, -1] = need  # p(x_i | x_<i) is read at position i - 1
         logits = network.logits(x[:, :i], torch.zeros(B, device=x.device), last)  # (rows in need, V)
-        x[need, i] = gumbel_argmax(logits, mask_id, generator, rows=need.nonzero()[:, 0])
+        x[need, i] = gumbel_argmax(logits, mask_id, generator, selected=need[:, None])
         decode_step[need, i] = step
         if on_step is not None:
             on_step(step, x)
