@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mdlm_atat.config import MODEL_SIZES, ModelConfig
-from mdlm_atat.models.dit import DiT, apply_rotary, count_parameters, rotary_cos_sin
+from mdlm_atat.models.dit import DiT, RotaryTable, apply_rotary, count_parameters, rotary_cos_sin
 
 NUM_TOKENS = 37  # small vocabulary; the last id plays MASK
 
@@ -73,6 +73,21 @@ def test_meta_build_then_init_weights_matches_mdlm_init():
     assert model.vocab_embed.embedding.std() > 0
     logits = model(*inputs())
     assert torch.equal(logits, torch.zeros_like(logits))
+    cos, sin = rotary_cos_sin(model.rotary.max_len, model.head_dim)
+    assert torch.equal(model.rotary.cos, cos) and torch.equal(model.rotary.sin, sin)  # refilled after to_empty
+
+
+def test_rotary_table_is_the_computed_angles_and_not_in_the_state_dict():
+    table = RotaryTable(head_dim=16, max_len=64)
+    for length in (1, 7, 64):
+        got, want = table(length, torch.device("cpu")), rotary_cos_sin(length, 16)
+        assert all(torch.equal(g, w) for g, w in zip(got, want))
+    longer = table(100, torch.device("cpu"))  # past the table: computed on the call
+    assert all(torch.equal(g, w) for g, w in zip(longer, rotary_cos_sin(100, 16)))
+    cast = RotaryTable(head_dim=16, max_len=512).to(torch.bfloat16)  # a cast table is not used: positions > 256
+    assert all(torch.equal(g, w) for g, w in zip(cast(300, torch.device("cpu")), rotary_cos_sin(300, 16)))
+    model = DiT(tiny_cfg(), NUM_TOKENS)
+    assert not any("rotary" in key for key in model.state_dict())  # MDLM's state dicts load key for key
 
 
 def test_rotary_scores_depend_only_on_relative_position():

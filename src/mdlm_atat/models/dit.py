@@ -7,8 +7,9 @@ position embeddings on q and k, bidirectional attention, GELU-tanh MLP, zero-ini
 
 Differences from MDLM's file, none of which changes the function computed:
 - attention is `F.scaled_dot_product_attention` instead of flash-attn's varlen kernel;
-- rotary angles are computed in float32 from positions on every call (no cached buffers), so the model can be
-  built on the meta device and compiled without graph breaks;
+- rotary cos and sin are a float32 table of the first ROTARY_TABLE_LEN positions kept as non-persistent buffers
+  (not in the state dict; longer sequences compute theirs on the call): read from memory, where a compiled graph
+  would otherwise recompute pow, sin and cos elementwise inside every block's kernels, forward and backward;
 - mixed precision is the caller's `torch.autocast`; MDLM hard-codes bf16 autocast inside `forward`.
 
 Parameter names follow MDLM's (`vocab_embed.embedding`, `sigma_map.mlp.0`, `blocks.N.attn_qkv`, ...), so its
@@ -69,6 +70,36 @@ def rotary_cos_sin(
     angles = positions[:, None] * inv_freq[None, :]  # (L, hd / 2)
     angles = torch.cat((angles, angles), dim=-1)  # (L, hd): the two halves share frequencies (rotate-half)
     return angles.cos(), angles.sin()
+
+
+ROTARY_TABLE_LEN = 4096  # positions whose rotary cos/sin are kept (2 MiB at head width 64)
+
+
+class RotaryTable(nn.Module):
+    """cos and sin of the rotary angles as non-persistent float32 buffers (ROTARY_TABLE_LEN, head_dim): the same
+    numbers as `rotary_cos_sin`, computed once. `(seq_len, device)` -> the first seq_len rows; a longer sequence
+    (or a table cast away from float32) gets them computed on the call."""
+
+    def __init__(self, head_dim: int, max_len: int = ROTARY_TABLE_LEN):
+        super().__init__()
+        self.head_dim, self.max_len = head_dim, max_len
+        self.register_buffer("cos", torch.empty(max_len, head_dim), persistent=False)
+        self.register_buffer("sin", torch.empty(max_len, head_dim), persistent=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Fill the table (also after `to_empty()` from the meta device)."""
+        if self.cos.device.type == "meta":
+            return
+        cos, sin = rotary_cos_sin(self.max_len, self.head_dim, device=self.cos.device)
+        self.cos.copy_(cos)
+        self.sin.copy_(sin)
+
+    def forward(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if seq_len > self.max_len or self.cos.dtype != torch.float32:
+            return rotary_cos_sin(seq_len, self.head_dim, device=device)
+        return self.cos[:seq_len], self.sin[:seq_len]
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -291,6 +322,7 @@ class DiT(nn.Module):
             for _ in range(cfg.num_layers)
         )
         self.output_layer = FinalLayer(cfg.hidden_dim, num_tokens, cfg.cond_dim)
+        self.rotary = RotaryTable(self.head_dim)
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -302,7 +334,7 @@ class DiT(nn.Module):
                 module.reset_parameters()
         # After the nn.Linear defaults, so that the zero-inits win.
         for module in self.modules():
-            if isinstance(module, (DiTBlock, FinalLayer)):
+            if isinstance(module, (DiTBlock, FinalLayer, RotaryTable)):
                 module.reset_parameters()
 
     def forward(
@@ -329,7 +361,7 @@ class DiT(nn.Module):
             noise_level = torch.zeros_like(noise_level)
         x = self.vocab_embed(x_t)  # (B, L, D)
         c = F.silu(self.sigma_map(noise_level))  # (B, cond)
-        cos, sin = rotary_cos_sin(x_t.shape[1], self.head_dim, device=x_t.device)  # each (L, hd)
+        cos, sin = self.rotary(x_t.shape[1], x_t.device)  # each (L, hd)
         for block in self.blocks:
             x = block(x, cos, sin, c)
         return x, c

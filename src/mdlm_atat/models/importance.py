@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mdlm_atat.config import AtatConfig
-from mdlm_atat.models.dit import DiTBlock, FinalLayer, TimestepEmbedder, TokenEmbedding, rotary_cos_sin
+from mdlm_atat.models.dit import DiTBlock, FinalLayer, RotaryTable, TimestepEmbedder, TokenEmbedding
 
 TIME_SCALE = 1000.0  # t in (0, 1] is fed as 1000 t: the sinusoidal embedding resolves steps of about 1e-3
 
@@ -60,6 +60,7 @@ class ImportanceEstimator(nn.Module):
             for _ in range(cfg.estimator_num_layers)
         )
         self.head = FinalLayer(dim, 1, cfg.estimator_cond_dim)  # zero-initialised: starts at the prior
+        self.rotary = RotaryTable(self.head_dim)
         self.surprisal_scale = nn.Parameter(torch.ones(())) if self.mode == "full" else None
 
     def forward(self, x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -73,7 +74,7 @@ class ImportanceEstimator(nn.Module):
         if self.surprisal_in is not None:
             h = h + self.surprisal_in(prior[..., None])
         c = F.silu(self.time_map(TIME_SCALE * t))  # (B, cond)
-        cos, sin = rotary_cos_sin(x0.shape[1], self.head_dim, device=x0.device)
+        cos, sin = self.rotary(x0.shape[1], x0.device)
         for block in self.blocks:
             h = block(h, cos, sin, c)
         logits = self.head(h, c).squeeze(-1).float()  # (B, L)
