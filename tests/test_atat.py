@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mdlm_atat.config import AtatConfig, ConfigError, ModelConfig, load_config
 from mdlm_atat.diffusion.atat import AtatTraining
@@ -14,7 +15,7 @@ from mdlm_atat.diffusion.objective import MaskedDiffusionObjective
 from mdlm_atat.diffusion.schedule import LogLinearSchedule
 from mdlm_atat.eval.diagnostics import spearman_rows, tie_ranks
 from mdlm_atat.models import DiT
-from mdlm_atat.models.importance import ImportanceEstimator, rank_percentile, unigram_surprisal
+from mdlm_atat.models.importance import ImportanceEstimator, estimator_loss, rank_percentile, unigram_surprisal
 from mdlm_atat.train.trainer import train
 
 EPS = 1e-3
@@ -299,3 +300,20 @@ def test_every_documented_ablation_loads():
         for config in ("openwebtext.yaml", "quickstart.yaml"):
             load_config(CONFIG_DIR / config, [item])
     assert load_config(CONFIG_DIR / "openwebtext.yaml").atat.enabled  # ATAT by default
+
+
+@pytest.mark.parametrize("kind", ["bce", "mse"])
+def test_estimator_loss_is_the_mean_over_the_selected_positions(kind):
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 32, generator=gen, requires_grad=True)
+    target = torch.rand(4, 32, generator=gen)
+    selected = torch.rand(4, 32, generator=gen) < 0.3
+    got = estimator_loss(logits, target, selected, kind)
+    picked, wanted = logits[selected], target[selected]
+    want = (F.binary_cross_entropy_with_logits(picked, wanted) if kind == "bce"
+            else F.mse_loss(torch.sigmoid(picked), wanted))
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    (grad,) = torch.autograd.grad(got, logits)
+    assert torch.all(grad[~selected] == 0) and torch.all(grad[selected] != 0)
+    none = estimator_loss(logits, target, torch.zeros_like(selected), kind)  # no position: 0, graph intact
+    assert none.item() == 0.0 and none.requires_grad

@@ -97,10 +97,13 @@ def rank_percentile(values: torch.Tensor, selected: torch.Tensor) -> torch.Tenso
 
 
 def estimator_loss(logits: torch.Tensor, target: torch.Tensor, selected: torch.Tensor, kind: str) -> torch.Tensor:
-    """Regression of s = sigmoid(logits) on the rank-percentile targets at the selected positions (scalar)."""
-    if not selected.any():
-        return logits.sum() * 0.0  # keeps the graph (and DDP's expectations) intact
-    logits, target = logits[selected], target[selected]
+    """Regression of s = sigmoid(logits) on the rank-percentile targets, averaged over the selected positions
+    (scalar; 0, with the graph intact, when none is selected). A weighted mean over every position rather than a
+    gather of the selected ones: no host sync in the training step."""
+    target = target.to(logits.dtype)
     if kind == "bce":
-        return F.binary_cross_entropy_with_logits(logits, target)
-    return F.mse_loss(torch.sigmoid(logits), target)
+        per_token = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    else:
+        per_token = (torch.sigmoid(logits) - target) ** 2
+    weight = selected.to(per_token.dtype)
+    return (per_token * weight).sum() / weight.sum().clamp(min=1.0)
