@@ -372,7 +372,7 @@ def by_arm(runs: list[Run]) -> dict[str, list[Run]]:
     return arms
 
 
-def plot_curves(arms: dict[str, list[Run]], path: Path) -> None:
+def plot_curves(arms: dict[str, list[Run]], path: Path, weights: str = "EMA weights") -> None:
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(11.0, 4.0), dpi=100, layout="constrained")
@@ -390,7 +390,7 @@ def plot_curves(arms: dict[str, list[Run]], path: Path) -> None:
     if last:
         zoom.set_ylim(min(last) - 0.02, max(last) + 0.02)
         zoom.set_xlim(max(r.curve[0][len(r.curve[0]) // 2] for runs in arms.values() for r in runs) / 1e6, None)
-    full.set_title("Validation bound during training (prose validation, EMA weights)")
+    full.set_title(f"Validation bound during training (prose validation, {weights})")
     zoom.set_title("Second half, zoomed")
     for ax in (full, zoom):
         ax.set_xlabel("training tokens (millions)")
@@ -460,9 +460,12 @@ def describe_setting(cfg: dict[str, Any]) -> str:
         tokenizer = f"a {d.get('tokenizer_vocab_size'):,}-token BPE trained on the training split"
     elif "gpt2" in str(tokenizer):
         tokenizer = "GPT-2's tokenizer"
+    schedule = t.get("lr_schedule")
+    if schedule == "cosine":
+        schedule = f"cosine to {t.get('min_lr_ratio')} x after {t.get('warmup_steps')} warm-up steps"
     return (f"DiT {m.get('hidden_dim')} wide x {m.get('num_layers')} blocks, {tokenizer}, {d.get('max_length')}-token "
-            f"packed blocks, batch {d.get('batch_size')}, lr {t.get('learning_rate')} ({t.get('lr_schedule')}), "
-            f"EMA {t.get('ema_decay')}")
+            f"packed blocks, batch {d.get('batch_size')}, lr {t.get('learning_rate')} ({schedule}), "
+            + (f"EMA {t.get('ema_decay')}" if float(t.get("ema_decay") or 0) > 0 else "no EMA"))
 
 
 def fmt_ci(values: list[float], digits: int = 4, sign: str = "") -> str:
@@ -498,56 +501,44 @@ def pilot_lines(pilot: Path) -> list[str]:
     return lines + [""]
 
 
-def cmd_report(args: argparse.Namespace) -> int:
-    runs = [run for out in args.out for run in load_runs(out)]
-    arms = by_arm(runs)
-    doc: Path = args.doc
-    image = args.images / "results_curves.png"
-    plot_curves(arms, image)
-    image_link = os.path.relpath(image, doc.parent)
-    first = arms[BASELINE][0] if BASELINE in arms else runs[0]
-    cfg_text = (first.folder / "config.yaml").read_text() if (first.folder / "config.yaml").is_file() else ""
+def setting_of(run: Run) -> tuple[str, dict[str, Any]]:
+    """(the run's saved config.yaml text, the config) as the run wrote it."""
     import yaml
 
-    cfg = yaml.safe_load(cfg_text) if cfg_text else {}
-    invocations = []
-    for out in args.out:
-        log = out / "study_run.json"
-        invocations += json.loads(log.read_text())["invocations"] if log.is_file() else []
-    devices = sorted({r.study["device"] for r in runs})
-    dates = sorted({r.study["date"] for r in runs})
-    outs = "--out " + " ".join(str(out) for out in args.out)
-    report_cmd = (f"python benchmarks/study.py report {outs} --doc {doc}"
-                  + (f" --pilot {args.pilot}" if args.pilot else "")
-                  + (f" --discussion {args.discussion}" if args.discussion else ""))
+    path = run.folder / "config.yaml"
+    text = path.read_text() if path.is_file() else ""
+    return text, (yaml.safe_load(text) if text else {})
+
+
+def one_setting(runs: list[Run], what: str) -> tuple[str, dict[str, Any]]:
+    """The training setting every run of a comparison shares; runs trained differently are never pooled."""
+    settings: dict[str, list[str]] = {}
+    for r in runs:
+        cfg = setting_of(r)[1]
+        key = describe_setting(cfg) + f", {cfg.get('training', {}).get('total_steps')} steps"
+        settings.setdefault(key, []).append(str(r.folder))
+    if len(settings) > 1:
+        listed = "; ".join(f"{key}: {', '.join(folders[:2])}{' ...' if len(folders) > 2 else ''}"
+                           for key, folders in settings.items())
+        raise StudyError(f"{what}: runs of different settings would be pooled ({listed}); give each setting's "
+                         "study folders to its own option (--out for the comparison, --screen for a screen)")
+    first = next((r for r in runs if r.arm == BASELINE), runs[0])
+    return setting_of(first)
+
+
+def uses_ema(cfg: dict[str, Any]) -> bool:
+    return float(cfg.get("training", {}).get("ema_decay", 0) or 0) > 0
+
+
+def comparison(runs: list[Run], level: str, image: Path, doc: Path) -> tuple[list[str], list[str]]:
+    """One comparison's tables (the claims, the final bounds, every run), its curves and its conclusions; `level`
+    is the markdown heading prefix of its subsections."""
+    arms = by_arm(runs)
+    _, cfg = setting_of(next((r for r in runs if r.arm == BASELINE), runs[0]))
+    weights = "EMA weights" if uses_ema(cfg) else "raw weights (no EMA)"
+    plot_curves(arms, image, weights)
     base = arms.get(BASELINE, [])
-    lines = [
-        "# Does ATAT help? MDLM vs ATAT on the prose corpora",
-        "",
-        f"Written by `{report_cmd}` from the run folders under "
-        f"{', '.join(f'`{out}/runs`' for out in args.out)} (each holds the config.yaml, metrics.jsonl, eval.json and "
-        "study.json its run wrote); do not edit by hand. The plan, written before the runs: "
-        "[study_plan.md](study_plan.md).",
-        "",
-        "## Setup",
-        "",
-        f"- Runs: {len(runs)} ({', '.join(f'{arm} x {len(rs)}' for arm, rs in arms.items())}), on "
-        f"{', '.join(devices)}, {', '.join(dates)}, torch {first.study['torch']}.",
-        f"- Setting: {describe_setting(cfg)}; the training splits of sotu, brown, austen and kjv "
-        "(../shared/corpora); the same initial weights and data order for every arm at one seed.",
-        f"- Every arm trains for the same steps and tokens ({first.tokens / 1e6:.1f}M); arms differ only in the "
-        "overrides listed below (docs/ablations.md).",
-        f"- Scored: MDLM's uniform-masking NELBO bound (nats per token, an upper bound on the NLL), "
-        f"{first.evals[PROSE[0]]['num_t']} stratified t per sequence, final EMA weights, on each corpus's whole "
-        "validation split, and zero-shot on python_docs (reStructuredText: never trained on). The AR baseline is "
-        "scored by its exact NLL at its best validation checkpoint. The curves are the trainer's periodic bound on "
-        "the pooled prose validation split (4 t per sequence).",
-        "- Spread: ± in the arm table is the sample standard deviation over seeds; differences are paired by seed "
-        "and given with their standard error (± in the comparison) and a 95% t interval.",
-        "- Timings (train s, tokens/s) are each run's own, measured while other jobs of the study shared its GPU: "
-        "they are not single-run speeds.",
-        "",
-    ]
+    lines: list[str] = []
     if base:
         ratios = {arm: paired(rs, base, lambda r, b: r.prose_nelbo / b.prose_nelbo) for arm, rs in arms.items()}
         diffs = {arm: paired(rs, base, lambda r, b: r.prose_nelbo - b.prose_nelbo) for arm, rs in arms.items()}
@@ -558,7 +549,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
         fractions = {arm: paired(rs, base, token_fraction) for arm, rs in arms.items()}
         lines += [
-            "## The seed's two claims",
+            f"{level} The seed's two claims",
             "",
             "Per seed against MDLM at the same seed: the ratio of pooled prose bounds (claim: 0.90, from test PPL 20.7 "
             "vs 23.0 on OpenWebText), and the tokens a run takes to reach that MDLM run's final trainer-side bound as a "
@@ -576,7 +567,7 @@ def cmd_report(args: argparse.Namespace) -> int:
             lines.append(f"| {arm} | {len(ratios[arm])} | {fmt_ci(ratios[arm])} | {fmt_ci(diffs[arm], sign='+')} | {frac} |")
         lines += [""]
     lines += [
-        "## Final bound (nats per token; lower is better)",
+        f"{level} Final bound (nats per token; lower is better)",
         "",
         "| arm | overrides | seeds | " + " | ".join(PROSE) + " | prose (pooled) | prose PPL bound | python_docs (zero-shot) |",
         "| --- | --- | ---: | " + " | ".join("---:" for _ in PROSE) + " | ---: | ---: | ---: |",
@@ -610,7 +601,7 @@ def cmd_report(args: argparse.Namespace) -> int:
                 f"{'-' if moved is None else f'{moved:.3f}'} | {r.study['train_seconds']:.0f} | "
                 f"{statistics.median(speeds) if speeds else float('nan'):,.0f} |"
             )
-    lines += ["", "## Curves", "", f"![validation bound vs training tokens]({image_link})", ""]
+    lines += ["", f"![validation bound vs training tokens]({os.path.relpath(image, doc.parent)})", ""]
     conclusions = []
     for arm, rs in arms.items():
         if arm != BASELINE and base and arm not in SCORED_AT_BEST:
@@ -626,7 +617,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     atat_rows = [(arm, rs) for arm, rs in arms.items() if any(r.records.get("atat_val") for r in rs)]
     if atat_rows:
         lines += [
-            "## What the estimator learned (last evaluation)",
+            f"{level} What the estimator learned (last evaluation)",
             "",
             "Spearman correlation, within each sequence, between a token's importance and the denoiser's observed "
             "loss on it, next to the unigram-surprisal baseline's (`atat_val` records):",
@@ -639,10 +630,90 @@ def cmd_report(args: argparse.Namespace) -> int:
             uni = [r.records.get("atat_val")[-1]["spearman_frequency_baseline"] for r in rs]
             lines.append(f"| {arm} | {fmt_mean_sd(est)} | {fmt_mean_sd(uni)} |")
         lines += [""]
+    return lines, conclusions
+
+
+def diffusion_run(runs: list[Run]) -> Run:
+    """A run that trained the whole budget and was scored by the bound (not an AR run scored at its best step)."""
+    return next((r for r in runs if r.arm not in SCORED_AT_BEST), runs[0])
+
+
+def setup_lines(runs: list[Run], cfg: dict[str, Any], what: str) -> list[str]:
+    arms = by_arm(runs)
+    first = diffusion_run(runs)
+    devices = sorted({r.study["device"] for r in runs})
+    dates = sorted({r.study["date"] for r in runs})
+    weights = "final EMA weights" if uses_ema(cfg) else "final weights (no EMA)"
+    return [
+        f"- {what}: {len(runs)} runs ({', '.join(f'{arm} x {len(rs)}' for arm, rs in arms.items())}), on "
+        f"{', '.join(devices)}, {', '.join(dates)}, torch {first.study['torch']}.",
+        f"- Setting: {describe_setting(cfg)}; {first.tokens / 1e6:.1f}M tokens ({first.evals[PROSE[0]]['step']:,} "
+        "steps) for every arm; arms differ only in the overrides listed (docs/ablations.md). Scored with the "
+        f"{weights}.",
+    ]
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    runs = [run for out in args.out for run in load_runs(out)]
+    screen = [run for out in args.screen for run in load_runs(out)]
+    cfg_text, cfg = one_setting(runs, "--out")
+    screen_cfg = one_setting(screen, "--screen")[1] if screen else {}
+    doc: Path = args.doc
+    invocations = []
+    for out in (*args.out, *args.screen):
+        log = out / "study_run.json"
+        invocations += json.loads(log.read_text())["invocations"] if log.is_file() else []
+    outs = "--out " + " ".join(str(out) for out in args.out)
+    report_cmd = (f"python benchmarks/study.py report {outs}"
+                  + (" --screen " + " ".join(str(out) for out in args.screen) if args.screen else "")
+                  + f" --doc {doc}"
+                  + (f" --pilot {args.pilot}" if args.pilot else "")
+                  + (f" --discussion {args.discussion}" if args.discussion else ""))
+    folders = [*args.out, *args.screen]
+    lines = [
+        "# Does ATAT help? MDLM vs ATAT on the prose corpora",
+        "",
+        f"Written by `{report_cmd}` from the run folders under "
+        f"{', '.join(f'`{out}/runs`' for out in folders)} (each holds the config.yaml, metrics.jsonl, eval.json and "
+        "study.json its run wrote); do not edit by hand. The plan, written before the runs: "
+        "[study_plan.md](study_plan.md).",
+        "",
+        "## Setup",
+        "",
+        *setup_lines(runs, cfg, "The comparison"),
+        *(setup_lines(screen, screen_cfg, "The screen") if screen else []),
+        "- Both: the training splits of sotu, brown, austen and kjv (../shared/corpora); the same initial weights "
+        "and data order for every arm at one seed. Scored: MDLM's uniform-masking NELBO bound (nats per token, an "
+        f"upper bound on the NLL), {diffusion_run(runs).evals[PROSE[0]]['num_t']} stratified t per sequence, on each corpus's "
+        "whole validation split, and zero-shot on python_docs (reStructuredText: never trained on). The AR baseline "
+        "is scored by its exact NLL at its best validation checkpoint. The curves are the trainer's periodic bound "
+        "on the pooled prose validation split (4 t per sequence).",
+        "- Spread: ± in the arm table is the sample standard deviation over seeds; differences are paired by seed "
+        "and given with their standard error (± in the comparison) and a 95% t interval.",
+        "- Timings (train s, tokens/s) are each run's own, measured while other jobs of the study shared its GPU: "
+        "they are not single-run speeds.",
+        "",
+        "## The comparison",
+        "",
+    ]
+    body, conclusions = comparison(runs, "###", args.images / "results_curves.png", doc)
+    lines += body
+    screen_conclusions: list[str] = []
+    if screen:
+        lines += [
+            "## The screen (ablations, a shorter setting named as a screen)",
+            "",
+            f"Its own setting ({describe_setting(screen_cfg)}), each arm against the MDLM runs of that setting.",
+            "",
+        ]
+        body, screen_conclusions = comparison(screen, "###", args.images / "results_screen_curves.png", doc)
+        lines += body
     if args.pilot:
         lines += pilot_lines(args.pilot)
     lines += ["## Conclusion", ""]
     lines += [f"- {c}." for c in conclusions] or ["- No MDLM baseline among the runs: nothing to compare."]
+    if screen_conclusions:
+        lines += ["", "The screen:", ""] + [f"- {c}." for c in screen_conclusions]
     lines += [
         "",
         "These are small models trained for minutes on 4.8M tokens of prose; what holds here need not hold at "
@@ -661,14 +732,13 @@ def cmd_report(args: argparse.Namespace) -> int:
         "",
         "```bash",
     ]
-    for rs in arms.values():
-        for r in rs:
-            lines += [r.study["train_command"], r.study["eval_command"]]
-    lines += ["```", "", "The study config, as the first run saved it:", "", "```yaml", cfg_text.rstrip(), "```", ""]
+    for r in [*runs, *screen]:
+        lines += [r.study["train_command"], r.study["eval_command"]]
+    lines += ["```", "", "The comparison's config, as its MDLM run saved it:", "", "```yaml", cfg_text.rstrip(), "```", ""]
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text("\n".join(lines))
-    print(f"wrote {doc} and {image}")
-    for c in conclusions:
+    print(f"wrote {doc}")
+    for c in [*conclusions, *screen_conclusions]:
         print(c)
     return 0
 
@@ -701,6 +771,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     rep = sub.add_parser("report", help="write the results page from the finished run folders")
     rep.add_argument("--out", type=Path, nargs="+", required=True,
                      help="the study folders given to run (their runs are reported together)")
+    rep.add_argument("--screen", type=Path, nargs="*", default=[],
+                     help="study folders of a screen in a setting of its own (e.g. a shorter budget): reported as a "
+                          "separate comparison against that setting's MDLM runs")
     rep.add_argument("--pilot", type=Path, help="a study folder of pilot runs, reported in a section of their own")
     rep.add_argument("--doc", type=Path, default=REPO / "docs" / "results.md")
     rep.add_argument("--images", type=Path, help="where the PNG goes (default: docs/images beside --doc)")

@@ -134,3 +134,47 @@ def test_paired_ratio_interval_and_last_tenth_movement():
     # The bound at 90% of the tokens (interpolated) minus the last: 3.0 at 90 -> 2.9 at 100.
     assert study.last_tenth_movement(([0.0, 80.0, 100.0], [5.0, 3.1, 2.9])) == pytest.approx(0.1)
     assert study.last_tenth_movement(([100.0], [2.9])) is None
+
+
+def fake_run(study_dir: Path, arm: str, seed: int, schedule: str, bound: float) -> None:
+    """A finished run folder as `run` leaves it (config, metrics, eval, study records), with made-up numbers."""
+    folder = study_dir / "runs" / f"{arm}-s{seed}"
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(
+        "data: {tokenizer: bpe, tokenizer_vocab_size: 64, max_length: 8, batch_size: 2}\n"
+        "model: {hidden_dim: 8, num_layers: 1}\n"
+        f"training: {{learning_rate: 0.001, lr_schedule: {schedule}, min_lr_ratio: 0.0, warmup_steps: 1, "
+        "ema_decay: 0.0, total_steps: 10}\n"
+    )
+    records = [{"event": "start", "step": 0, "tokens_per_step": 16}]
+    records += [{"event": "val", "step": s, "val_nelbo": bound + (10 - s) * 0.1} for s in (5, 9, 10)]
+    records += [{"event": "train", "step": 10, "loss": bound, "tokens_per_s": 100.0}]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    result = {"nelbo": bound, "num_tokens": 100, "stderr": 0.01, "step": 10, "tokens_seen": 160, "num_t": 2,
+              "config_hash": "0" * 12}
+    (folder / "eval.json").write_text(json.dumps({f"x/{c}.jsonl:validation": result for c in (*study.PROSE, *study.ZERO_SHOT)}))
+    (folder / "study.json").write_text(json.dumps({
+        "arm": arm, "seed": seed, "device": "cpu", "torch": "x", "date": "2026-12-01", "train_seconds": 1.0,
+        "train_command": "train", "eval_command": "eval",
+    }))
+
+
+def test_report_never_pools_settings_and_reports_a_screen_on_its_own(tmp_path, capsys):
+    annealed, constant = tmp_path / "annealed", tmp_path / "constant"
+    for seed in (0, 1):
+        fake_run(annealed, "mdlm", seed, "cosine", 4.0 + seed / 10)
+        fake_run(annealed, "atat", seed, "cosine", 4.05 + seed / 10)
+        fake_run(constant, "mdlm", seed, "constant", 3.0 + seed / 10)
+        fake_run(constant, "uniform_masking", seed, "constant", 2.9 + seed / 10)
+    doc = tmp_path / "docs" / "results.md"
+    assert study.main(["report", "--out", str(annealed), str(constant), "--doc", str(doc)]) == 2
+    err = capsys.readouterr().err
+    assert "different settings" in err and "(cosine" in err and "(constant)" in err and not doc.exists()
+
+    assert study.main(["report", "--out", str(annealed), "--screen", str(constant), "--doc", str(doc)]) == 0
+    text = doc.read_text()
+    comparison, screen = text.split("## The comparison")[1].split("## The screen")
+    assert "| atat | 2 |" in comparison and "+0.0500" in comparison and "uniform_masking" not in comparison
+    assert "| uniform_masking | 2 |" in screen and "-0.1000" in screen  # against the screen's own MDLM runs
+    assert "no EMA" in text and "cosine to 0.0 x" in text
+    assert (doc.parent / "images" / "results_screen_curves.png").is_file()
