@@ -314,8 +314,11 @@ def _train_locked(
                 steps_since_log = 0
                 log_clock = time.perf_counter()
             if state.step % tc.eval_every_n_steps == 0 or state.step == end_step:
+                validation_start = time.perf_counter()
                 val_result = validate()
-                log_clock = time.perf_counter()  # evaluation time is not training throughput
+                # evaluation time is not training throughput: the window's clock skips it (a reset would count
+                # the window's earlier steps against the time since the evaluation alone)
+                log_clock += time.perf_counter() - validation_start
             stopped = stop.agreed(dist_env)  # every rank stops after the same step
             if state.step % tc.save_every_n_steps == 0 or state.step == end_step or stopped:
                 save(last_path)
