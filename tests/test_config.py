@@ -129,8 +129,10 @@ def test_choices_are_literal_types_the_config_and_the_cli_read():
     assert choices(hints["masking"]) == ("importance", "inverse", "balanced", "uniform")
     with pytest.raises(ConfigError, match="^atat.masking: 'tilted' is not one of importance, inverse"):
         load_config(None, ["atat.masking=tilted"])
-    with pytest.raises(ConfigError, match=r"^training.strategy: expected str, got 3 \(int\)"):
+    with pytest.raises(ConfigError, match=r"^training.strategy: expected one of auto, ddp, fsdp, none, got 3$"):
         load_config(None, ["training.strategy=3"])
+    with pytest.raises(ConfigError, match=r"^training.mixed_precision: expected one of bf16, fp32, got False \(YAML"):
+        load_config(None, ["training.mixed_precision=no"])  # YAML 1.1: `no` is a boolean
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["sample"]
     options = {a.dest: a.choices for a in sub._actions}
     assert tuple(options["sampler"]) == choices(SamplerName) == DIFFUSION_SAMPLERS + AR_SAMPLERS

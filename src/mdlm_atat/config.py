@@ -236,7 +236,8 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
     if typing.get_origin(annotation) is Literal:  # a choice: a string among the type's values
         options = choices(annotation)
         if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected str, got {value!r} ({type(value).__name__})")
+            hint = " (YAML reads no/yes/off/on as booleans)" if isinstance(value, bool) else ""
+            raise ConfigError(f"{key}: expected one of {', '.join(options)}, got {value!r}{hint}")
         if value not in options:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(options)}")
         return value
