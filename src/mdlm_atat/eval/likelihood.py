@@ -34,6 +34,11 @@ class BoundResult:
         return asdict(self)
 
 
+def to_device(x: torch.Tensor, device: torch.device | str, pin: bool) -> torch.Tensor:
+    """A CPU tensor on `device`; from pinned memory without blocking the host when `pin` (CUDA)."""
+    return x.pin_memory().to(device, non_blocking=True) if pin else x.to(device)
+
+
 @torch.no_grad()
 def evaluate_bound(
     model: Denoiser,
@@ -58,28 +63,31 @@ def evaluate_bound(
         model.eval()
     # A private generator on the CPU: the same numbers on any device, and the training RNG stream is untouched.
     generator = torch.Generator().manual_seed(seed)
+    # Draws are made on the CPU and copied from pinned memory without blocking, and the per-sequence results stay
+    # on the device until the end: no host sync per batch, so the host draws batch k + 1 while the GPU scores k.
+    pin = torch.device(device).type == "cuda"
     sequence_losses: list[torch.Tensor] = []  # (B,) per batch: per-token NELBO of each sequence
     token_counts: list[torch.Tensor] = []
     for x0 in batches:
         x0 = x0.to(device, non_blocking=True)
         real = None if pad_id is None else x0 != pad_id  # (B, L): padded framing; packed rows are all real
         # (K, B) stratified times; an exact objective needs none: one pass.
-        times = [None] if exact else objective.schedule.stratified_t(x0.shape[0], num_t, generator).to(device)
+        times = [None] if exact else to_device(objective.schedule.stratified_t(x0.shape[0], num_t, generator), device, pin)
         per_t = []
         for t in times:
             # (B, L), drawn on CPU for determinism
-            noise = None if t is None else mask_draws(x0.shape, generator=generator).to(device)
+            noise = None if t is None else to_device(mask_draws(x0.shape, generator=generator), device, pin)
             with autocast or contextlib.nullcontext():
                 terms = objective(model, x0, t=t, uniform_noise=noise, attention_mask=real)
             per_t.append(terms.sequence_loss.double())
-        sequence_losses.append(torch.stack(per_t).mean(0).cpu())
-        token_counts.append(terms.tokens_per_sequence.double().cpu())
+        sequence_losses.append(torch.stack(per_t).mean(0))
+        token_counts.append(terms.tokens_per_sequence.double())
     if isinstance(model, torch.nn.Module) and was_training:
         model.train()
     if not sequence_losses:
         raise ValueError("evaluation got no batches: the split is empty or eval_batches selected none")
-    losses = torch.cat(sequence_losses)  # (N,)
-    counts = torch.cat(token_counts)  # (N,)
+    losses = torch.cat(sequence_losses).cpu()  # (N,): the one host sync
+    counts = torch.cat(token_counts).cpu()  # (N,)
     # Token-weighted mean (sequences may differ in length when padded); its standard error by the ratio estimator.
     nelbo = float((losses * counts).sum() / counts.sum())
     n = losses.numel()
