@@ -373,30 +373,36 @@ def by_arm(runs: list[Run]) -> dict[str, list[Run]]:
 
 
 def plot_curves(arms: dict[str, list[Run]], path: Path, weights: str = "EMA weights") -> None:
+    """Every run's validation curve, one colour per arm and one line style per seed; the legend names the arms
+    (and the seeds while few runs are drawn), outside the axes so that many arms do not cover the curves."""
+    from matplotlib import colormaps
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(11.0, 4.0), dpi=100, layout="constrained")
+    num_runs = sum(len(rs) for rs in arms.values())
+    per_seed = num_runs <= 16
+    palette = colormaps["tab10" if len(arms) <= 10 else "tab20"]
+    fig = Figure(figsize=(12.0, 4.2), dpi=100, layout="constrained")
     full, zoom = fig.subplots(1, 2)
-    colours = {}
     for i, (arm, runs) in enumerate(arms.items()):
-        colours[arm] = f"C{i}"
         for ax in (full, zoom):
             for j, run in enumerate(runs):
                 tokens, values = run.curve
-                label = f"{arm} (seed {run.seed})" if ax is full else None
-                ax.plot([t / 1e6 for t in tokens], values, color=colours[arm], alpha=0.85,
+                label = None
+                if ax is full and (per_seed or j == 0):
+                    label = f"{arm} (seed {run.seed})" if per_seed else f"{arm} ({len(runs)} seed{'s' if len(runs) > 1 else ''})"
+                ax.plot([t / 1e6 for t in tokens], values, color=palette(i), alpha=0.85,
                         linestyle=("-", "--", ":", "-.")[j % 4], label=label)
     last = [v for runs in arms.values() for r in runs for v in r.curve[1][len(r.curve[1]) // 2:]]
     if last:
         zoom.set_ylim(min(last) - 0.02, max(last) + 0.02)
         zoom.set_xlim(max(r.curve[0][len(r.curve[0]) // 2] for runs in arms.values() for r in runs) / 1e6, None)
-    full.set_title(f"Validation bound during training (prose validation, {weights})")
-    zoom.set_title("Second half, zoomed")
+    full.set_title(f"Prose validation bound during training, {weights}", fontsize=10)
+    zoom.set_title("Second half, zoomed", fontsize=10)
     for ax in (full, zoom):
         ax.set_xlabel("training tokens (millions)")
         ax.set_ylabel("NELBO, nats per token")
         ax.grid(alpha=0.3)
-    full.legend(fontsize=8)
+    fig.legend(loc="outside right upper", fontsize=7)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
 
