@@ -388,8 +388,10 @@ def plot_curves(arms: dict[str, list[Run]], path: Path, weights: str = "EMA weig
             for j, run in enumerate(runs):
                 tokens, values = run.curve
                 label = None
-                if ax is full and (per_seed or j == 0):
-                    label = f"{arm} (seed {run.seed})" if per_seed else f"{arm} ({len(runs)} seed{'s' if len(runs) > 1 else ''})"
+                if ax is full and per_seed:
+                    label = f"{arm} (seed {run.seed})"
+                elif ax is full and j == 0:
+                    label = f"{arm} ({len(runs)} seed{'s' if len(runs) > 1 else ''})"
                 ax.plot([t / 1e6 for t in tokens], values, color=palette(i), alpha=0.85,
                         linestyle=("-", "--", ":", "-.")[j % 4], label=label)
     last = [v for runs in arms.values() for r in runs for v in r.curve[1][len(r.curve[1]) // 2:]]
