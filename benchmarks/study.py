@@ -125,20 +125,24 @@ def link_corpora(corpora: Path, data_dir: Path) -> tuple[Path, dict[str, Path]]:
     return prose, scored
 
 
-def run_logged(cmd: list[str], log: Path, env: dict[str, str], seconds: float | None = None) -> tuple[int, float]:
-    """Run cmd with its output appended to log; after `seconds`, SIGTERM (atat train then saves and exits 0)."""
+def run_logged(
+    cmd: list[str], log: Path, env: dict[str, str], seconds: float | None = None
+) -> tuple[int, float, bool]:
+    """Run cmd with its output appended to log; after `seconds`, SIGTERM (atat train then saves and exits 0).
+    -> (exit code, seconds taken, whether the time limit stopped it)."""
     clock = time.perf_counter()
     with open(log, "a") as out:
         out.write(f"$ {shown(cmd)}\n")
         out.flush()
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        stopped = False
         try:
             rc = proc.wait(timeout=seconds)
         except subprocess.TimeoutExpired:
             proc.send_signal(signal.SIGTERM)
-            rc = proc.wait()
+            rc, stopped = proc.wait(), True
             out.write(f"(stopped by the time limit, --train-seconds {seconds:g})\n")
-    return rc, time.perf_counter() - clock
+    return rc, time.perf_counter() - clock, stopped
 
 
 def tail(path: Path, lines: int = 15) -> str:
@@ -157,10 +161,19 @@ def run_job(job: Job, device: str, args: argparse.Namespace, common: list[str], 
     overrides = [*common, *steps, *ARMS[job.arm], f"training.seed={job.seed}", *device_overrides, *args.overrides]
     train_cmd = cli("train", "--config", str(args.config), "--log-dir", str(run_dir), "--resume", *overrides)
     print(f"[{job.name}] training on {device} ...", flush=True)
-    rc, train_s = run_logged(train_cmd, run_dir / "train.log", env, args.train_seconds)
+    rc, train_s, stopped = run_logged(train_cmd, run_dir / "train.log", env, args.train_seconds)
     if rc != 0:
         print(f"[{job.name}] training failed (exit {rc}); the end of {run_dir / 'train.log'}:\n{tail(run_dir / 'train.log')}")
         return False
+    # Training time over every invocation that trained this run (a run may span several calls: --resume-later).
+    spent = run_dir / "train_seconds.json"
+    before = json.loads(spent.read_text())["seconds"] if spent.is_file() else 0.0
+    train_s += before
+    if stopped and args.resume_later:
+        spent.write_text(json.dumps({"seconds": train_s}) + "\n")
+        print(f"[{job.name}] stopped by --train-seconds after {train_s:.0f} s of training in all; not scored: the "
+              "same command resumes it from its checkpoint", flush=True)
+        return True
     entries = ",".join(f"{path}:validation" for path in scored.values())
     scored_checkpoint = run_dir / "checkpoints" / "best.pt" if job.arm in SCORED_AT_BEST else run_dir
     eval_cmd = cli(
@@ -169,7 +182,7 @@ def run_job(job: Job, device: str, args: argparse.Namespace, common: list[str], 
         "--output", str(run_dir / "eval.partial.json"),
     )
     print(f"[{job.name}] trained in {train_s:.0f} s; scoring ...", flush=True)
-    rc, eval_s = run_logged(eval_cmd, run_dir / "eval.log", env)
+    rc, eval_s, _ = run_logged(eval_cmd, run_dir / "eval.log", env)
     if rc != 0:
         print(f"[{job.name}] evaluation failed (exit {rc}); the end of {run_dir / 'eval.log'}:\n{tail(run_dir / 'eval.log')}")
         return False
@@ -241,7 +254,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         "prepare", "--config", str(args.config), "--datasets", ",".join([str(prose), *map(str, scored.values())]),
         "--splits", "train,validation", "--no-progress", *common, *args.overrides,
     )
-    rc, prepare_s = run_logged(prepare, args.out / "prepare.log", subprocess_env("cpu"))
+    rc, prepare_s, _ = run_logged(prepare, args.out / "prepare.log", subprocess_env("cpu"))
     if rc != 0:
         raise StudyError(f"tokenizing the corpora failed; the end of {args.out / 'prepare.log'}:\n{tail(args.out / 'prepare.log')}")
     print(
@@ -770,6 +783,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     r.add_argument("--steps", type=int, help="training.total_steps for every job (the study's fixed budget)")
     r.add_argument("--train-seconds", type=float,
                    help="stop each job's training after this many seconds (it saves, then is scored): for pilots")
+    r.add_argument("--resume-later", action="store_true",
+                   help="with --train-seconds: a job the limit stops is saved but not scored, and the same command "
+                        "(in a later call) resumes it from its checkpoint; without, a stopped job is scored as it is "
+                        "(a pilot's time-limited run)")
     r.add_argument("--num-t", type=int, default=16, help="stratified t per sequence in the final scoring")
     r.add_argument("--max-batches", type=int, default=0, help="score at most this many batches per corpus (0 = all)")
     r.add_argument("--jobs-per-gpu", type=int, default=1,

@@ -178,3 +178,34 @@ def test_report_never_pools_settings_and_reports_a_screen_on_its_own(tmp_path, c
     assert "| uniform_masking | 2 |" in screen and "-0.1000" in screen  # against the screen's own MDLM runs
     assert "no EMA" in text and "cosine to 0.0 x" in text
     assert (doc.parent / "images" / "results_screen_curves.png").is_file()
+
+
+@needs_shared
+@pytest.mark.slow
+def test_a_job_stopped_by_the_time_limit_is_resumed_later_not_scored(tmp_path, monkeypatch, capsys):
+    corpora, out = small_corpora(tmp_path / "corpora"), tmp_path / "study"
+    args = ["run", "--out", str(out), "--gpus", "cpu", "--arms", "mdlm", "--seeds", "0", "--num-t", "2",
+            "--max-batches", "1", "--corpora", str(corpora), "--tokenizer", str(GPT2), "--train-seconds", "600",
+            "--resume-later", *SMOKE]
+    real = study.run_logged
+
+    def time_limit_at_training(cmd, log, env, seconds=None):  # the first training ends as the limit would end it
+        if "train" in cmd and "--max-steps" not in cmd:
+            rc, spent, _ = real([*cmd, "--max-steps", "2"], log, env, seconds)
+            return rc, spent, True
+        return real(cmd, log, env, seconds)
+
+    monkeypatch.setattr(study, "run_logged", time_limit_at_training)
+    assert study.main(args) == 0
+    run = out / "runs" / "mdlm-s0"
+    assert not (run / "eval.json").exists() and "not scored" in capsys.readouterr().out
+    first = json.loads((run / "train_seconds.json").read_text())["seconds"]
+
+    monkeypatch.setattr(study, "run_logged", real)
+    assert study.main(args) == 0  # the same command: resumes at step 2, trains to 4, scores
+    evals = json.loads((run / "eval.json").read_text())
+    assert all(r["step"] == 4 for r in evals.values())
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["event"] == "train"]
+    assert steps == sorted(steps) and steps[-1] == 4 and 3 in steps  # one continuous run, no restart from 0
+    assert json.loads((run / "study.json").read_text())["train_seconds"] > first
