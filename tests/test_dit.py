@@ -47,10 +47,15 @@ def test_shape_dtype_and_zero_logits_at_init():
 def test_small_preset_has_mdlm_parameter_count():
     hidden, layers, heads = MODEL_SIZES["small"]
     with torch.device("meta"):
-        model = DiT(ModelConfig(hidden_dim=hidden, num_layers=layers, num_heads=heads, cond_dim=128), 50258)
+        model = DiT(ModelConfig(hidden_dim=hidden, num_layers=layers, num_heads=heads, cond_dim=128,
+                                pad_vocab_multiple=1), 50258)
+        padded = DiT(ModelConfig(hidden_dim=hidden, num_layers=layers, num_heads=heads, cond_dim=128), 50258)
     # MDLM-small with untied embeddings (DESIGN 3.1): 169,627,218 by hand.
     assert count_parameters(model) == 169_627_218
     assert abs(count_parameters(model) - 169.6e6) <= 0.1e6
+    # The default pads GPT-2's 50,258 rows to 50,304 (nanoGPT's size): 46 more rows of embedding, weight and bias.
+    assert (padded.num_tokens, padded.padded_tokens) == (50258, 50304)
+    assert count_parameters(padded) == 169_627_218 + 46 * (2 * hidden + 1)
 
 
 @pytest.mark.parametrize("size", ["tiny", "medium"])

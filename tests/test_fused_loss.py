@@ -217,12 +217,14 @@ def test_dit_project_callback_gets_the_rows_and_the_output_layer():
     x_t, noise = torch.randint(0, 10, (2, 8)), torch.rand(2)
     rows = torch.zeros(2, 8, dtype=torch.bool)
     rows[0, :3] = rows[1, 5] = True
-    seen = model(x_t, noise, rows=rows, project=lambda h, w, b: (h, w, b))
+    seen = model(x_t, noise, rows=rows, project=lambda h, w, b, n: (h, w, b, n))
     assert seen[0].shape == (4, 32) and seen[1] is model.output_layer.linear.weight
     assert seen[2] is model.output_layer.linear.bias
-    torch.testing.assert_close(torch.nn.functional.linear(*seen), model(x_t, noise, rows=rows))
+    assert seen[3] == 11 and seen[1].shape[0] == model.padded_tokens == 64  # the real columns, and the padded rows
+    logits = torch.nn.functional.linear(*seen[:3])  # (4, 64): the callback projects the padding rows too
+    torch.testing.assert_close(logits[:, :11], model(x_t, noise, rows=rows))
     with pytest.raises(ValueError, match="needs rows"):
-        model(x_t, noise, project=lambda h, w, b: None)
+        model(x_t, noise, project=lambda h, w, b, n: None)
 
 
 def test_compiled_dit_keeps_the_blocks_in_one_graph_with_one_break():
@@ -235,7 +237,7 @@ def test_compiled_dit_keeps_the_blocks_in_one_graph_with_one_break():
     num_rows = int(rows.sum())
     targets, weights = torch.randint(0, 10, (num_rows,), generator=gen), torch.ones(num_rows)
     explanation = torch._dynamo.explain(model)(
-        x_t, noise, rows, project=lambda h, w, b: fused_subs_nll(h, w, b, targets, weights, 10)
+        x_t, noise, rows, project=lambda h, w, b, n: fused_subs_nll(h, w, b, targets, weights, 10, num_tokens=n)
     )
     assert explanation.graph_break_count == 1, explanation.break_reasons
     assert all("disable" in reason.reason for reason in explanation.break_reasons)
