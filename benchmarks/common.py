@@ -25,7 +25,8 @@ def model_config(args: argparse.Namespace, dropout: float) -> tuple[ModelConfig,
     label = preset if (hidden, layers, heads) == default else "custom"
     if hidden % heads or (hidden // heads) % 2:
         raise SystemExit(f"--num-heads: hidden_dim {hidden} / num_heads {heads} must be an even integer (rotary)")
-    cfg = ModelConfig(hidden_dim=hidden, num_layers=layers, num_heads=heads, cond_dim=args.cond_dim, dropout=dropout)
+    cfg = ModelConfig(hidden_dim=hidden, num_layers=layers, num_heads=heads, cond_dim=args.cond_dim, dropout=dropout,
+                      pad_vocab_multiple=getattr(args, "pad_vocab_multiple", ModelConfig.pad_vocab_multiple))
     return cfg, label
 
 
@@ -38,12 +39,15 @@ def run_config(model: ModelConfig, overrides: list[str]) -> Config:
 
 @torch.no_grad()
 def move_zero_init_off_zero(model: DiT, generator: torch.Generator, std: float = 0.02) -> None:
-    """Give adaLN and the output layer small random weights, so the loss depends on every layer."""
+    """Give adaLN and the output layer small random weights, so the loss depends on every layer. The output
+    layer's vocabulary padding rows stay zero (as training keeps them): the same draws, hence the same loss, at any
+    `model.pad_vocab_multiple`."""
     for module in model.modules():
         if isinstance(module, (DiTBlock, FinalLayer)):
             layers = [module.adaLN_modulation] + ([module.linear] if isinstance(module, FinalLayer) else [])
             for linear in layers:
                 for p in (linear.weight, linear.bias):
+                    p = p[: getattr(linear, "num_tokens", len(p))]  # the real rows (OutputLinear: models/dit.py)
                     p.copy_(torch.randn(p.shape, generator=generator) * std)
 
 

@@ -104,6 +104,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--vocab-size", type=int, default=50257, help="real tokens; MASK is appended (GPT-2: 50257)")
+    p.add_argument("--pad-vocab-multiple", type=int, default=ModelConfig.pad_vocab_multiple,
+                   help="model.pad_vocab_multiple: vocabulary rows padded to a multiple of this (1: none)")
     p.add_argument("--steps", type=int, default=20, help="timed steps")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
     p.add_argument("--variants", default="eager,compiled", help="comma-separated: eager, compiled")
@@ -151,7 +153,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--variants: unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
     if args.max_batch and args.device == "cpu":
         p.error("--max-batch: needs a CUDA device (it searches for the batch that runs out of GPU memory)")
-    for name in ("batch_size", "seq_len", "steps"):
+    for name in ("batch_size", "seq_len", "steps", "pad_vocab_multiple"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')}: must be >= 1")
     if args.warmup < 0:
@@ -160,8 +162,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def matmul_parameters(model: DiT) -> int:
-    """Weights each token is multiplied by: the blocks' qkv, attn_out and MLP weights, and the output layer's."""
-    total = model.output_layer.linear.weight.numel()
+    """Weights each token is multiplied by: the blocks' qkv, attn_out and MLP weights, and the output layer's real
+    rows (vocabulary padding is work done, not useful work: MFU leaves it out)."""
+    total = model.num_tokens * model.output_layer.linear.in_features
     for block in model.blocks:
         total += block.attn_qkv.weight.numel() + block.attn_out.weight.numel()
         total += sum(m.weight.numel() for m in block.mlp if isinstance(m, torch.nn.Linear))

@@ -1,7 +1,7 @@
 import pytest
 import yaml
 
-from mdlm_atat.config import MODEL_SIZES, ConfigError, Config, from_dict, load_config
+from mdlm_atat.config import MODEL_SIZES, ConfigError, Config, from_dict, load_config, saved_config
 
 from conftest import CONFIG_DIR
 
@@ -68,6 +68,7 @@ def test_size_presets_fill_the_shape():
         (["curriculum.stage_1_end=0.8", "curriculum.stage_2_end=0.5"], "curriculum.stage_1_end"),
         (["training.mixed_precision=fp8"], "training.mixed_precision"),
         (["data.batch_size=0"], "data.batch_size"),
+        (["model.pad_vocab_multiple=0"], "model.pad_vocab_multiple"),
         (["no_equals_sign"], "no_equals_sign"),
     ],
 )
@@ -75,6 +76,18 @@ def test_bad_config_fails_naming_the_key(overrides, key):
     with pytest.raises(ConfigError) as err:
         load_config(None, overrides)
     assert str(err.value).startswith(key)
+
+
+def test_a_saved_config_without_a_later_key_reads_as_the_code_that_wrote_it():
+    """Checkpoints and exports from before model.pad_vocab_multiple hold unpadded tensors: their configs read as 1,
+    a new config defaults to 64, and a saved value is kept."""
+    old = Config().to_dict()
+    del old["model"]["pad_vocab_multiple"]
+    assert from_dict(saved_config(old)).model.pad_vocab_multiple == 1
+    assert "pad_vocab_multiple" not in old["model"]  # a new dict: the caller's is not changed
+    assert from_dict(old).model.pad_vocab_multiple == Config().model.pad_vocab_multiple == 64
+    assert from_dict(saved_config(Config().to_dict())) == Config()
+    assert saved_config(None) is None  # not a config: from_dict says what is wrong with it
 
 
 def test_missing_or_invalid_yaml_file(tmp_path):

@@ -6,7 +6,10 @@ import pytest
 import torch
 
 from mdlm_atat.config import MODEL_SIZES, ModelConfig
-from mdlm_atat.models.dit import DiT, RotaryTable, apply_rotary, count_parameters, rotary_cos_sin
+from mdlm_atat.models.dit import (
+    VOCAB_TENSORS, DiT, RotaryTable, apply_rotary, count_parameters, pad_vocab, padded_size, rotary_cos_sin,
+    strip_vocab_padding,
+)
 
 NUM_TOKENS = 37  # small vocabulary; the last id plays MASK
 
@@ -47,10 +50,15 @@ def test_shape_dtype_and_zero_logits_at_init():
 def test_small_preset_has_mdlm_parameter_count():
     hidden, layers, heads = MODEL_SIZES["small"]
     with torch.device("meta"):
-        model = DiT(ModelConfig(hidden_dim=hidden, num_layers=layers, num_heads=heads, cond_dim=128), 50258)
+        model = DiT(ModelConfig(hidden_dim=hidden, num_layers=layers, num_heads=heads, cond_dim=128,
+                                pad_vocab_multiple=1), 50258)
+        padded = DiT(ModelConfig(hidden_dim=hidden, num_layers=layers, num_heads=heads, cond_dim=128), 50258)
     # MDLM-small with untied embeddings (DESIGN 3.1): 169,627,218 by hand.
     assert count_parameters(model) == 169_627_218
     assert abs(count_parameters(model) - 169.6e6) <= 0.1e6
+    # The default pads GPT-2's 50,258 rows to 50,304 (nanoGPT's size): 46 more rows of embedding, weight and bias.
+    assert (padded.num_tokens, padded.padded_tokens) == (50258, 50304)
+    assert count_parameters(padded) == 169_627_218 + 46 * (2 * hidden + 1)
 
 
 @pytest.mark.parametrize("size", ["tiny", "medium"])
@@ -172,3 +180,85 @@ def test_gate_init_opens_the_blocks_and_zero_is_mdlms_identity():
     assert not torch.allclose(opened.trunk(x_t, noise)[0], embedded)
     bias = opened.blocks[0].adaLN_modulation.bias.view(6, -1)
     assert torch.all(bias[[2, 5]] == 1) and torch.all(bias[[0, 1, 3, 4]] == 0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Vocabulary padding (model.pad_vocab_multiple): padding rows that are never a token
+
+
+def test_padded_sizes():
+    assert [padded_size(n, 64) for n in (1, 37, 64, 65, 50258)] == [64, 64, 64, 128, 50304]
+    assert padded_size(50258, 1) == 50258 and padded_size(37, 8) == 40
+
+
+def test_padded_model_starts_as_the_unpadded_one_from_the_same_seed():
+    """Only the real rows draw random numbers: the same weights, and the RNG left in the same state (what the run
+    builds next, the estimator, starts alike too). The padding rows start at zero."""
+    torch.manual_seed(0)
+    plain = DiT(tiny_cfg(pad_vocab_multiple=1), NUM_TOKENS)
+    after_plain = torch.rand(8)
+    torch.manual_seed(0)
+    padded = DiT(tiny_cfg(), NUM_TOKENS)  # the default multiple, 64
+    after_padded = torch.rand(8)
+    assert (plain.num_tokens, plain.padded_tokens, padded.num_tokens, padded.padded_tokens) == (37, 37, 37, 64)
+    assert torch.equal(after_plain, after_padded)
+    assert padded.vocab_embed.embedding.shape == (64, 32) and padded.output_layer.linear.weight.shape == (64, 32)
+    plain_state, padded_state = plain.state_dict(), padded.state_dict()
+    assert strip_vocab_padding(padded_state, NUM_TOKENS).keys() == plain_state.keys()
+    for name, value in strip_vocab_padding(padded_state, NUM_TOKENS).items():
+        assert torch.equal(value, plain_state[name]), name
+    for name in VOCAB_TENSORS:
+        assert not padded_state[name][NUM_TOKENS:].any(), name
+    # and so after a meta build, to_empty and init_weights
+    with torch.device("meta"):
+        meta = DiT(tiny_cfg(), NUM_TOKENS)
+    meta.to_empty(device="cpu")
+    meta.init_weights()
+    assert not meta.vocab_embed.embedding[NUM_TOKENS:].any() and meta.vocab_embed.embedding[:NUM_TOKENS].std() > 0
+
+
+def padded_copy(plain: DiT, multiple: int = 64) -> DiT:
+    """`plain` (unpadded) with padding rows added, filled with garbage: random embedding and output weights and an
+    output bias of 1e4, so the padding columns' logits dwarf every real one. None of it may matter."""
+    cfg = tiny_cfg(pad_vocab_multiple=multiple, time_conditioning=plain.time_conditioning)
+    padded = DiT(cfg, plain.num_tokens, causal=plain.causal).train(plain.training)
+    padded.load_state_dict(pad_vocab(plain.state_dict(), plain.num_tokens, padded.padded_tokens))
+    gen = torch.Generator().manual_seed(123)
+    n = plain.num_tokens
+    with torch.no_grad():
+        for p in (padded.vocab_embed.embedding, padded.output_layer.linear.weight):
+            p[n:] = torch.randn(p[n:].shape, generator=gen)
+        padded.output_layer.linear.bias[n:] = 1e4
+    return padded
+
+
+def test_padded_model_computes_the_unpadded_logits():
+    plain = randomise(DiT(tiny_cfg(pad_vocab_multiple=1), NUM_TOKENS)).eval()
+    padded = padded_copy(plain).eval()
+    x_t, t = inputs(batch=3, length=12)
+    rows = torch.rand(3, 12, generator=torch.Generator().manual_seed(1)) < 0.5
+    with torch.no_grad():
+        expected = plain(x_t, t)
+        logits = padded(x_t, t)
+        assert logits.shape == (3, 12, NUM_TOKENS)  # the real columns only
+        # The same function; a GEMM with another N may round differently, so tight, not bitwise.
+        torch.testing.assert_close(logits, expected, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(padded(x_t, t, rows=rows), expected[rows], rtol=1e-6, atol=1e-6)
+        features = padded.features(x_t, t)
+        torch.testing.assert_close(features, plain.features(x_t, t), rtol=0, atol=0)  # no vocabulary in between
+        assert padded.project(features).shape == (3, 12, NUM_TOKENS)
+        torch.testing.assert_close(padded.project(features), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_strip_and_pad_vocab_round_trip():
+    torch.manual_seed(0)
+    padded = DiT(tiny_cfg(pad_vocab_multiple=16), NUM_TOKENS)  # 48 rows, the padding zero
+    state = padded.state_dict()
+    stripped = strip_vocab_padding(state, NUM_TOKENS)
+    assert {name: stripped[name].shape[0] for name in VOCAB_TENSORS} == dict.fromkeys(VOCAB_TENSORS, NUM_TOKENS)
+    again = pad_vocab(stripped, NUM_TOKENS, padded.padded_tokens)
+    assert again.keys() == state.keys() and all(torch.equal(again[k], state[k]) for k in state)
+    # A tensor of another length (another vocabulary) is left for load_state_dict to refuse.
+    wrong = pad_vocab(strip_vocab_padding(state, NUM_TOKENS - 1), NUM_TOKENS, padded.padded_tokens)
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        padded.load_state_dict(wrong)

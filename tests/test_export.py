@@ -11,6 +11,7 @@ from mdlm_atat.cli import main
 from mdlm_atat.config import ConfigError, load_config
 from mdlm_atat.eval.run import evaluate_checkpoint, load_for_inference
 from mdlm_atat.export import export_checkpoint
+from mdlm_atat.models.dit import VOCAB_TENSORS
 from mdlm_atat.sample import sample_checkpoint
 from mdlm_atat.train.checkpoint import CheckpointError, load_checkpoint
 from mdlm_atat.train.trainer import train
@@ -49,7 +50,10 @@ def test_export_round_trips_eval_and_sample(run_dir, tmp_path):
     payload = load_checkpoint(run_dir)
     weights = safetensors.load_file(str(out / "model.safetensors"))
     assert weights.keys() == payload["ema"].keys()
-    assert all((weights[k] == payload["ema"][k]).all() for k in weights)
+    # The vocabulary tensors' real rows (513: 512 + MASK); the run's padding rows (to 576) are zeros, left out.
+    assert weights["vocab_embed.embedding"].shape[0] == 513 and payload["ema"]["vocab_embed.embedding"].shape[0] == 576
+    assert all((weights[k] == payload["ema"][k][: len(weights[k])]).all() for k in weights)
+    assert all((payload[part][k][513:] == 0).all() for part in ("model", "ema") for k in VOCAB_TENSORS)
     config = json.loads((out / "config.json").read_text())
     assert config["hidden_size"] == 32 and config["num_hidden_layers"] == 2 and config["mask_token_id"] == 512
     assert config["mdlm_atat"]["step"] == 6 and config["mdlm_atat"]["weights"] == "ema"

@@ -12,7 +12,9 @@ from mdlm_atat.diffusion import fused_loss
 from mdlm_atat.diffusion.fused_loss import fused_subs_nll, subs_rows
 from mdlm_atat.diffusion.objective import MaskedDiffusionObjective, masked_token_nll
 from mdlm_atat.diffusion.schedule import LogLinearSchedule
-from mdlm_atat.models.dit import DiT
+from mdlm_atat.models.dit import VOCAB_TENSORS, DiT
+
+from test_dit import padded_copy
 
 EPS = 1e-3
 M, D, V = 23, 8, 31  # rows, width, vocabulary including MASK
@@ -110,6 +112,28 @@ def test_mask_column_never_gets_probability():
     torch.testing.assert_close(g.sum(-1), torch.zeros(M), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("chunk_rows", [5, 4096])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_padding_columns_are_excluded_and_get_no_gradient(monkeypatch, chunk_rows, compiled):
+    """The DiT's output layer may hold padding rows past num_tokens (models/dit.py): with num_tokens given, the loss
+    is the unpadded one, however large the padding logits, and the padding rows' gradient is exactly 0."""
+    monkeypatch.setattr(fused_loss, "compiled_subs_rows", lambda: subs_rows)  # the compiled path, eager kernel
+    (hidden, weight, bias), targets, w = problem()
+    gen, extra = torch.Generator().manual_seed(7), 64 - V
+    padded_weight = torch.cat([weight.detach(), torch.randn(extra, D, generator=gen, dtype=weight.dtype)])
+    padded_bias = torch.cat([bias.detach(), torch.full((extra,), 1e4, dtype=bias.dtype)])  # dominating logits
+    padded = [hidden, padded_weight.requires_grad_(), padded_bias.requires_grad_()]
+    loss, nll = fused_subs_nll(*padded, targets, w, MASK_ID, chunk_rows=chunk_rows, compiled=compiled, num_tokens=V)
+    ref_loss, ref_nll = plain_subs_nll(hidden, weight, bias, targets, w)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=0)
+    torch.testing.assert_close(nll, ref_nll, rtol=1e-12, atol=1e-12)
+    (hidden_grad, weight_grad, bias_grad), ref_grads = grads_of(loss, padded), grads_of(ref_loss, [hidden, weight, bias])
+    assert_all_close([hidden_grad, weight_grad[:V], bias_grad[:V]], ref_grads, rtol=1e-10, atol=1e-12)
+    assert not weight_grad[V:].any() and not bias_grad[V:].any()
+    # Without num_tokens the padding columns would take every row's probability: the test's padding is not inert.
+    assert fused_subs_nll(*padded, targets, w, MASK_ID, chunk_rows=chunk_rows)[1].min() > 1e3
+
+
 def test_no_grad_returns_the_same_values_without_a_graph():
     params, targets, w = problem()
     loss, nll = fused_subs_nll(*params, targets, w, MASK_ID, chunk_rows=5)
@@ -172,10 +196,13 @@ def test_bf16_autocast_matches_the_plain_path_within_bf16_tolerance():
 # The DiT and the objective
 
 
-def tiny_dit(num_tokens: int) -> DiT:
-    """A 2-layer DiT with every parameter moved off MDLM's zero init (else the logits are all 0)."""
+def tiny_dit(num_tokens: int, pad_vocab_multiple: int = 64) -> DiT:
+    """A 2-layer DiT with every parameter moved off MDLM's zero init (else the logits are all 0); the default
+    padding (64 rows) filled with random numbers too, which the loss must ignore."""
     torch.manual_seed(0)
-    model = DiT(ModelConfig(hidden_dim=32, num_layers=2, num_heads=2, cond_dim=16, dropout=0.0), num_tokens)
+    cfg = ModelConfig(hidden_dim=32, num_layers=2, num_heads=2, cond_dim=16, dropout=0.0,
+                      pad_vocab_multiple=pad_vocab_multiple)
+    model = DiT(cfg, num_tokens)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in model.parameters():
@@ -212,17 +239,49 @@ def test_objective_fused_equals_unfused(adaptive):
         torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("path", ["logits", "rows", "fused"])
+def test_padded_dit_gives_the_unpadded_loss_and_gradients(path):
+    """The same weights with and without padding rows (garbage in them, the padding logits 1e4): the same loss and
+    per-token terms, the same gradients on every real row, and exactly zero gradient on the padding rows of the
+    embedding and the output layer, on each of the objective's three paths."""
+    V = 40
+    plain = tiny_dit(V + 1, pad_vocab_multiple=1)
+    padded = padded_copy(plain)  # 64 rows
+    gen = torch.Generator().manual_seed(2)
+    x0 = torch.randint(0, V, (4, 24), generator=gen)
+    t, noise = torch.tensor([0.1, 0.4, 0.7, 1.0]), torch.rand(4, 24, generator=gen)
+    objective = MaskedDiffusionObjective(LogLinearSchedule(EPS), mask_id=V, rows_only=path == "rows",
+                                         fused=path == "fused")
+
+    def loss_and_grads(model):
+        terms = objective(model, x0, t=t, uniform_noise=noise)
+        names, params = zip(*model.named_parameters())
+        return terms, dict(zip(names, torch.autograd.grad(terms.loss, params)))
+
+    (plain_terms, plain_grads), (padded_terms, padded_grads) = loss_and_grads(plain), loss_and_grads(padded)
+    assert torch.equal(plain_terms.masked, padded_terms.masked) and plain_terms.num_masked > 0
+    for field in ("loss", "token_nll", "token_loss"):
+        torch.testing.assert_close(getattr(padded_terms, field), getattr(plain_terms, field), rtol=1e-6, atol=1e-6)
+    for name, grad in padded_grads.items():
+        real = grad[: V + 1] if name in VOCAB_TENSORS else grad
+        torch.testing.assert_close(real, plain_grads[name], rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        if name in VOCAB_TENSORS:
+            assert not grad[V + 1 :].any(), name
+
+
 def test_dit_project_callback_gets_the_rows_and_the_output_layer():
     model = tiny_dit(11)
     x_t, noise = torch.randint(0, 10, (2, 8)), torch.rand(2)
     rows = torch.zeros(2, 8, dtype=torch.bool)
     rows[0, :3] = rows[1, 5] = True
-    seen = model(x_t, noise, rows=rows, project=lambda h, w, b: (h, w, b))
+    seen = model(x_t, noise, rows=rows, project=lambda h, w, b, n: (h, w, b, n))
     assert seen[0].shape == (4, 32) and seen[1] is model.output_layer.linear.weight
     assert seen[2] is model.output_layer.linear.bias
-    torch.testing.assert_close(torch.nn.functional.linear(*seen), model(x_t, noise, rows=rows))
+    assert seen[3] == 11 and seen[1].shape[0] == model.padded_tokens == 64  # the real columns, and the padded rows
+    logits = torch.nn.functional.linear(*seen[:3])  # (4, 64): the callback projects the padding rows too
+    torch.testing.assert_close(logits[:, :11], model(x_t, noise, rows=rows))
     with pytest.raises(ValueError, match="needs rows"):
-        model(x_t, noise, project=lambda h, w, b: None)
+        model(x_t, noise, project=lambda h, w, b, n: None)
 
 
 def test_compiled_dit_keeps_the_blocks_in_one_graph_with_one_break():
@@ -235,7 +294,7 @@ def test_compiled_dit_keeps_the_blocks_in_one_graph_with_one_break():
     num_rows = int(rows.sum())
     targets, weights = torch.randint(0, 10, (num_rows,), generator=gen), torch.ones(num_rows)
     explanation = torch._dynamo.explain(model)(
-        x_t, noise, rows, project=lambda h, w, b: fused_subs_nll(h, w, b, targets, weights, 10)
+        x_t, noise, rows, project=lambda h, w, b, n: fused_subs_nll(h, w, b, targets, weights, 10, num_tokens=n)
     )
     assert explanation.graph_break_count == 1, explanation.break_reasons
     assert all("disable" in reason.reason for reason in explanation.break_reasons)

@@ -15,6 +15,7 @@ from mdlm_atat.eval.run import load_for_inference
 from mdlm_atat.export import hf_config, write_export
 from mdlm_atat.hf.folder import atat_backend, tokenizer_files
 from mdlm_atat.models import build_model
+from mdlm_atat.models.dit import strip_vocab_padding
 
 from test_data import GPT2, needs_shared
 from test_dit import randomise
@@ -46,7 +47,8 @@ def test_transformers_model_computes_the_dit_exactly(tiny_config, hidden, layers
     # config.json as `atat export` writes it, read by the shipped configuration class: the field mapping is tested too
     hf_cfg = MdlmAtatConfig.from_dict(hf_config(cfg, tokenizer, meta(), 0))
     theirs = MdlmAtatForMaskedLM(hf_cfg).eval()
-    theirs.load_state_dict(ours.state_dict(), strict=True)  # the same parameter names and shapes
+    # the same parameter names and shapes, once the vocabulary padding rows are cut off as the export does
+    theirs.load_state_dict(strip_vocab_padding(ours.state_dict(), tokenizer.num_tokens), strict=True)
     gen = torch.Generator().manual_seed(0)
     for batch, length in ((1, 7), (3, 16)):
         x_t = torch.randint(0, tokenizer.num_tokens, (batch, length), generator=gen)
@@ -136,10 +138,11 @@ def test_model_card_code_runs(tmp_path, tiny_config, monkeypatch):
 
 
 def test_model_has_no_parameter_the_dit_lacks():
-    """Parameter names and order match models/dit.py (so model.safetensors loads as it is)."""
-    cfg = ModelConfig(hidden_dim=32, num_layers=2, num_heads=2, cond_dim=16)
+    """Parameter names and order match models/dit.py (so model.safetensors, the real vocabulary rows of the DiT's
+    state dict, loads as it is)."""
+    cfg = ModelConfig(hidden_dim=32, num_layers=2, num_heads=2, cond_dim=16)  # padded: 64 vocabulary rows
     ours = build_model(cfg, 37)
     theirs = MdlmAtatForMaskedLM(MdlmAtatConfig(vocab_size=37, hidden_size=32, num_hidden_layers=2,
                                                 num_attention_heads=2, cond_dim=16))
-    shapes = [(k, v.shape) for k, v in ours.state_dict().items()]
+    shapes = [(k, v.shape) for k, v in strip_vocab_padding(ours.state_dict(), 37).items()]
     assert [(k, v.shape) for k, v in theirs.state_dict().items()] == shapes

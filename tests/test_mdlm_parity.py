@@ -76,8 +76,10 @@ def mdlm_dit(seed: int = 0) -> torch.nn.Module:
 
 
 def our_dit(reference: torch.nn.Module, time_conditioning: bool) -> DiT:
+    # pad_vocab_multiple=1: MDLM's DiT has no vocabulary padding, so its state dict loads as it is and both sides
+    # run the same GEMMs (a padded DiT computes the same function, not always the same bits: test_dit.py).
     cfg = ModelConfig(hidden_dim=HIDDEN, num_layers=LAYERS, num_heads=HEADS, cond_dim=COND, dropout=0.0,
-                      time_conditioning=time_conditioning)
+                      time_conditioning=time_conditioning, pad_vocab_multiple=1)
     model = DiT(cfg, NUM_TOKENS)
     state = {k: v for k, v in reference.state_dict().items() if k != "rotary_emb.inv_freq"}
     model.load_state_dict(state, strict=True)
@@ -148,7 +150,9 @@ def test_small_parameter_count_matches_mdlm():
     hidden, layers, heads = MODEL_SIZES["small"]
     with torch.device("meta"):
         theirs = ref.dit_module().DIT(ref.dit_config(hidden, 128, heads, layers, 1024), vocab_size=50258)
-        ours = DiT(ModelConfig(hidden_dim=hidden, num_layers=layers, num_heads=heads, cond_dim=128), 50258)
+        # unpadded, as MDLM's (the default pads 50,258 rows to 50,304: test_dit.py counts those)
+        ours = DiT(ModelConfig(hidden_dim=hidden, num_layers=layers, num_heads=heads, cond_dim=128,
+                               pad_vocab_multiple=1), 50258)
     assert sum(p.numel() for p in theirs.parameters()) == 169_627_218
     assert count_parameters(ours) == 169_627_218
 

@@ -19,15 +19,19 @@ from mdlm_atat.diffusion.schedule import LogLinearSchedule
 from mdlm_atat.models.ar import causal_dit
 from mdlm_atat.models.dit import DiT
 
+from test_dit import padded_copy
+
 V = 40  # real tokens; MASK = V
 MASK = V
 BOS, EOS = 0, 1
 SCHEDULE = LogLinearSchedule(1e-3)
 
 
-def random_model(causal: bool = False, time_conditioning: bool = False, seed: int = 0) -> torch.nn.Module:
+def random_model(
+    causal: bool = False, time_conditioning: bool = False, seed: int = 0, pad_vocab_multiple: int = 64
+) -> torch.nn.Module:
     cfg = ModelConfig(hidden_dim=32, num_layers=2, num_heads=2, cond_dim=16, dropout=0.0,
-                      time_conditioning=time_conditioning)
+                      time_conditioning=time_conditioning, pad_vocab_multiple=pad_vocab_multiple)
     torch.manual_seed(seed)
     model = causal_dit(cfg, V + 1) if causal else DiT(cfg, V + 1)
     gen = torch.Generator().manual_seed(seed)
@@ -69,6 +73,19 @@ def test_no_mask_out_and_given_positions_kept(sampler, causal, window):
     generated = torch.ones(20, dtype=torch.bool)
     generated[list(GIVEN)] = False
     assert (out.decode_step[:, generated] >= 0).all()  # every generated position records its step
+
+
+@pytest.mark.parametrize("sampler,causal,window", CASES)
+def test_padding_ids_are_never_sampled(sampler, causal, window):
+    """A model with vocabulary padding rows (garbage in them, their logits 1e4, far above every real one) samples
+    exactly what the same model without them does: no padding id ever comes out (the samplers see num_tokens
+    columns, through `project` or the logits)."""
+    plain = random_model(causal=causal, pad_vocab_multiple=1)
+    padded = padded_copy(plain)  # 41 real rows, 64 in all
+    x = canvas(3, 20, GIVEN)
+    expected, out = run(plain, x, sampler, window=window), run(padded, x, sampler, window=window)
+    assert out.tokens.max() < MASK  # real tokens only: neither MASK nor a padding id (> MASK)
+    assert torch.equal(out.tokens, expected.tokens) and torch.equal(out.decode_step, expected.decode_step)
 
 
 @pytest.mark.parametrize("sampler,causal", [("ancestral", False), ("ancestral-cache", False),

@@ -98,6 +98,10 @@ class ModelConfig:
     # 1 starts the blocks open, as a plain pre-norm transformer (a hypothesis about MDLM's early plateau).
     gate_init: float = 0.0
     vocab_size: int | None = None  # the tokenizer's vocabulary (MASK excluded); null = take it from the tokenizer
+    # The DiT's embedding and output layer get ceil(num_tokens / m) * m rows (num_tokens = ids + MASK): GPT-2's
+    # 50,258 makes the output GEMMs fall back to 2-element-aligned kernels on GPUs, 50,304 does not (nanoGPT).
+    # The padding rows are never predicted, sampled or counted; 1 = no padding (what runs saved without the key had).
+    pad_vocab_multiple: int = 64
 
     @property
     def is_ar(self) -> bool:
@@ -329,6 +333,28 @@ def from_dict(raw: dict[str, Any]) -> Config:
     return cfg
 
 
+# Keys added after runs were first saved whose default is not what the older code did: a saved config (a
+# checkpoint's, an export's) without one was written by code that behaved as this value does.
+KEYS_ADDED: dict[tuple[str, str], Any] = {
+    ("model", "pad_vocab_multiple"): 1,  # no vocabulary padding: the tensors hold num_tokens rows
+}
+
+
+def saved_config(raw: Any) -> Any:
+    """A config as a checkpoint or an export saved it (a dict), with every key it predates (KEYS_ADDED) set as the
+    code that wrote it had it; a new dict, which `from_dict` then validates as any other. The readers of saved
+    configs (run.RunCheckpoint.from_dict, run.load_export) go through here, so a resume, an evaluation, a sample
+    or an export of an old run builds the model its tensors were saved from."""
+    if not isinstance(raw, dict):
+        return raw  # from_dict names what is wrong with it
+    out = dict(raw)
+    for (section, key), value in KEYS_ADDED.items():
+        keys = out.get(section) or {}
+        if isinstance(keys, dict) and key not in keys:
+            out[section] = {**keys, key: value}
+    return out
+
+
 def _parse_value(text: str) -> Any:
     """`key=value` values are YAML scalars: 1e-4, true, null, 'text'; text that is not YAML is taken as written."""
     try:
@@ -452,6 +478,9 @@ def validate(cfg: Config) -> None:
     _require(m.mlp_ratio >= 1, "model.mlp_ratio", f"must be >= 1, got {m.mlp_ratio}")
     _require(0.0 <= m.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {m.dropout}")
     _require(m.vocab_size is None or m.vocab_size >= 2, "model.vocab_size", "must be >= 2 or null")
+    _require(
+        m.pad_vocab_multiple >= 1, "model.pad_vocab_multiple", f"must be >= 1 (1 = no padding), got {m.pad_vocab_multiple}"
+    )
 
     _require(0.0 < df.eps < 0.5, "diffusion.eps", f"must be in (0, 0.5), got {df.eps}")
     _require(df.eval_num_t >= 1, "diffusion.eval_num_t", f"must be >= 1, got {df.eval_num_t}")

@@ -1,7 +1,9 @@
 """`atat export`: a checkpoint as a HuggingFace-style folder that `atat eval` and `atat sample` load as they are.
 
     OUT/
-      model.safetensors      the denoiser's weights (the EMA by default: what evaluation and sampling use)
+      model.safetensors      the denoiser's weights (the EMA by default: what evaluation and sampling use), the
+                             real vocabulary rows only (models/dit.py: padding rows are cut off, and put back
+                             as zeros when atat loads the folder), so the format does not depend on the padding
       estimator.safetensors  ATAT's importance estimator, when the run had a learned one (not needed to sample)
       config.json            transformers' fields (model_type, auto_map, sizes, vocabulary, special ids) and, under
                              `mdlm_atat`, the run's full resolved config, step and config hash: the model is
@@ -34,7 +36,7 @@ from mdlm_atat import __version__
 from mdlm_atat.config import Config, ConfigError
 from mdlm_atat.data.tokenizers import Tokenizer
 from mdlm_atat.hf.folder import AUTO_MAP, atat_backend, copy_remote_code, tokenizer_files
-from mdlm_atat.models import build_model, count_parameters
+from mdlm_atat.models.dit import strip_vocab_padding
 from mdlm_atat.run import read_checkpoint, safetensors
 from mdlm_atat.train.checkpoint import CheckpointError, is_export_dir, resolve_checkpoint
 
@@ -86,10 +88,11 @@ def write_export(
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    weights = strip_vocab_padding(weights, tokenizer.num_tokens)  # what transformers' modeling file holds
     save_file(_plain(weights), str(tmp / "model.safetensors"), metadata=tensor_meta)
     if estimator:
         save_file(_plain(estimator), str(tmp / "estimator.safetensors"), metadata=tensor_meta)
-    num_parameters = count_parameters(build_model(cfg.model, tokenizer.num_tokens))
+    num_parameters = sum(v.numel() for v in weights.values())  # the tensors written: the DiT's, padding rows cut
     (tmp / "config.json").write_text(json.dumps(hf_config(cfg, tokenizer, meta, num_parameters), indent=2))
     for name, text in tokenizer_files(tokenizer, cfg.data.max_length).items():
         (tmp / name).write_text(text)
@@ -290,8 +293,10 @@ def model_card(
         f"atat sample --checkpoint {name} --num-samples 4",
         "```",
         "",
-        "`model.safetensors` loads into `mdlm_atat.models.build_model(cfg.model, num_tokens)` with the config in "
-        "`config.json` (`mdlm_atat.config`); `mdlm_atat.eval.run.load_for_inference(FOLDER)` does both.",
+        "`model.safetensors` holds the real vocabulary rows: it loads into `mdlm_atat.models.build_model(cfg.model, "
+        "num_tokens)` with the config in `config.json` (`mdlm_atat.config`) once `mdlm_atat.models.dit.pad_vocab` has "
+        "added the model's padding rows (`model.pad_vocab_multiple`); `mdlm_atat.eval.run.load_for_inference(FOLDER)` "
+        "does all three.",
         "",
         *transformers_usage(cfg, tokenizer, name),
         "",

@@ -279,6 +279,7 @@ def mdlm_config(release: MdlmCheckpoint, tokenizer: str, dataset: str) -> Config
             "mlp_ratio": w["blocks.0.mlp.0.weight"].shape[0] // hidden,
             "dropout": 0.1 if settings["dropout"] is None else settings["dropout"],
             "time_conditioning": bool(settings["time_conditioning"]),
+            "pad_vocab_multiple": 1,  # MDLM's DiT as it is: 50,258 rows, the GEMMs MDLM computes
         },
         "diffusion": {"schedule": settings["schedule"] or "loglinear", "eps": 1e-3},  # MDLM's get_noise defaults
         "atat": {"enabled": False},  # MDLM: uniform masking

@@ -17,7 +17,7 @@ from typing import Any, Iterator, Protocol
 
 import torch
 
-from mdlm_atat.config import Config, ConfigError, from_dict
+from mdlm_atat.config import Config, ConfigError, from_dict, saved_config
 from mdlm_atat.data.loader import attention_mask
 from mdlm_atat.data.tokenizers import Tokenizer
 from mdlm_atat.diffusion.atat import AtatStep, AtatTraining
@@ -25,6 +25,7 @@ from mdlm_atat.diffusion.objective import MaskedDiffusionObjective, NextTokenObj
 from mdlm_atat.diffusion.schedule import build_schedule
 from mdlm_atat.hf.folder import atat_backend
 from mdlm_atat.models import build_model
+from mdlm_atat.models.dit import pad_vocab
 from mdlm_atat.models.importance import ImportanceEstimator, unigram_surprisal
 from mdlm_atat.train import distributed
 from mdlm_atat.train.checkpoint import (
@@ -91,7 +92,9 @@ class TrainState:
 # ----------------------------------------------------------------------------------------------------------
 # The checkpoint: one schema, written by `Run.checkpoint` and read by `read_checkpoint`, nowhere else.
 
-CHECKPOINT_FORMAT = 1  # format_version of what `Run.checkpoint` writes; files from before it was recorded are 1
+# format_version of what `Run.checkpoint` writes; files from before it was recorded are 1. 2: the model's vocabulary
+# tensors may hold padding rows (model.pad_vocab_multiple, which format-1 configs lack and are read as 1).
+CHECKPOINT_FORMAT = 2
 
 
 @dataclass
@@ -100,7 +103,7 @@ class RunCheckpoint:
     (consolidated) tensors in the single-process layout, so a run saved at one world size resumes at any other.
     `to_dict` is what torch.save writes (train/checkpoint.py: atomic, with a sha256 sidecar)."""
 
-    config: dict[str, Any]  # the resolved config (Config.to_dict)
+    config: dict[str, Any]  # the resolved config (Config.to_dict); as read, with the keys it predates filled in
     config_hash: str
     state: TrainState  # step, data position, best validation, non-finite counts, the open log window
     tokenizer: str  # Tokenizer.to_json: the resumed run and inference tokenize with it
@@ -154,9 +157,10 @@ class RunCheckpoint:
                 f"{path}: checkpoint format {version!r}, newer than this mdlm-atat reads ({CHECKPOINT_FORMAT}); "
                 "upgrade mdlm-atat"
             )
+        config = saved_config(payload["config"])  # an older file's config as the code that wrote it ran
         return cls(
-            config=payload["config"],
-            config_hash=payload.get("config_hash") or from_dict(payload["config"]).hash(),
+            config=config,
+            config_hash=payload.get("config_hash") or from_dict(config).hash(),
             state=TrainState(**payload["state"]),
             tokenizer=payload["tokenizer"],
             model=payload["model"],
@@ -472,12 +476,14 @@ def load_export(folder: str | Path, use_ema: bool = True, device: torch.device |
         raise CheckpointError(f"{folder}: not a complete atat export folder ({type(err).__name__}: {err})") from None
     if not use_ema and info["weights"] == "ema":
         raise ConfigError(f"--no-ema: {folder} holds the EMA weights only; export with --no-ema for the raw ones")
-    cfg = from_dict(info["config"])
+    cfg = from_dict(saved_config(info["config"]))
     # tokenizer.json names an appended MASK / PAD as added tokens for transformers; atat's tokenizer has them as ids
     tokenizer = Tokenizer.from_json(json.dumps({**tok_info, "backend": atat_backend(backend, tok_info)}))
     model = build_model(cfg.model, tokenizer.num_tokens)
     try:
-        model.load_state_dict(load_file(str(folder / "model.safetensors")))
+        # An export holds the real vocabulary rows (export.py): the model's padding rows, if any, are zeros again.
+        weights = pad_vocab(load_file(str(folder / "model.safetensors")), model.num_tokens, model.padded_tokens)
+        model.load_state_dict(weights)
     except Exception as err:  # noqa: BLE001 - a damaged or mismatched file means the same to the user
         raise CheckpointError(f"{folder / 'model.safetensors'}: cannot load ({type(err).__name__}: {err})") from None
     model.to(device).eval()

@@ -18,6 +18,10 @@ log-sum-exp in float32 (float64 if the inputs are float64, which the tests use t
 g is kept in the logits' dtype for the two matmuls, as autograd would; grad_weight and grad_bias accumulate
 over chunks in float32.
 
+The weight may hold more rows than the vocabulary (the DiT's padding to an aligned GEMM, models/dit.py): columns
+from `num_tokens` on are excluded as MASK is (-inf before the log-sum-exp: probability and gradient exactly 0), so
+the matmuls keep their padded, aligned N and the loss is that of the first num_tokens columns.
+
 On CUDA the per-chunk elementwise work (upcast, MASK column, log-sum-exp, target logit, softmax - onehot) is one
 `torch.compile`d function, so it reads the chunk's logits twice and writes g once instead of making float32
 copies; the last chunk is padded with weight-0 rows so that every call has one static shape and nothing
@@ -36,22 +40,27 @@ DEFAULT_CHUNK_ROWS = 4096  # MDLM-small: a bf16 (4096, 50258) chunk is 0.4 GiB; 
 
 
 def subs_rows(
-    logits: torch.Tensor, targets: torch.Tensor, token_weights: torch.Tensor, mask_id: int, with_grad: bool
+    logits: torch.Tensor, targets: torch.Tensor, token_weights: torch.Tensor, mask_id: int, with_grad: bool,
+    num_tokens: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One chunk's SUBS NLL and, with `with_grad`, the gradient of sum_i w_i nll_i with respect to its logits.
 
-    logits (C, V) in the compute dtype, targets (C,) long, token_weights (C,) -> nll (C,) float32 (float64 for
-    float64 logits) and g (C, V) in the logits' dtype, or None.
+    logits (C, V') in the compute dtype, targets (C,) long, token_weights (C,) -> nll (C,) float32 (float64 for
+    float64 logits) and g (C, V') in the logits' dtype, or None. Columns from num_tokens (default V') on are
+    padding: excluded like MASK, g exactly 0 there.
     """
     acc_dtype = torch.promote_types(logits.dtype, torch.float32)
-    columns = torch.arange(logits.shape[-1], device=logits.device)  # (V,)
-    rows = logits.to(acc_dtype).masked_fill(columns == mask_id, float("-inf"))  # SUBS: MASK is never predicted
+    columns = torch.arange(logits.shape[-1], device=logits.device)  # (V',)
+    excluded = columns == mask_id  # SUBS: MASK is never predicted
+    if num_tokens is not None and num_tokens < logits.shape[-1]:
+        excluded = excluded | (columns >= num_tokens)  # nor is a padding column
+    rows = logits.to(acc_dtype).masked_fill(excluded, float("-inf"))
     lse = torch.logsumexp(rows, dim=-1)  # (C,)
     nll = lse - rows.gather(-1, targets[:, None]).squeeze(-1)  # (C,)
     if not with_grad:
         return nll, None
-    probs = torch.exp(rows - lse[:, None])  # (C, V); exp(-inf) makes the MASK column exactly 0
-    onehot = (columns == targets[:, None]).to(acc_dtype)  # (C, V)
+    probs = torch.exp(rows - lse[:, None])  # (C, V'); exp(-inf) makes the MASK and padding columns exactly 0
+    onehot = (columns == targets[:, None]).to(acc_dtype)  # (C, V')
     g = (probs - onehot) * token_weights.to(acc_dtype)[:, None]
     return nll, g.to(logits.dtype)
 
@@ -62,7 +71,9 @@ def compiled_subs_rows():
     return torch.compile(subs_rows, fullgraph=True, dynamic=False)
 
 
-def _chunked_subs_nll(hidden, weight, bias, targets, token_weights, mask_id, chunk_rows, needs_grad, compiled):
+def _chunked_subs_nll(
+    hidden, weight, bias, targets, token_weights, mask_id, num_tokens, chunk_rows, needs_grad, compiled
+):
     """The loop behind `FusedSubsNll.forward`; `needs_grad` = (hidden, weight, bias) flags. Returns
     loss_sum, nll (M,) and the three gradients (None where not needed), all before any outer scaling."""
     M = hidden.shape[0]
@@ -82,7 +93,7 @@ def _chunked_subs_nll(hidden, weight, bias, targets, token_weights, mask_id, chu
             pad = chunk_rows - n
             h, y, w = F.pad(h, (0, 0, 0, pad)), F.pad(y, (0, pad)), F.pad(w, (0, pad))
         logits = F.linear(h, weight, bias)  # (C, V) in the compute dtype (bf16 under CUDA autocast)
-        chunk_nll, g = kernel(logits, y, w, mask_id, with_grad)
+        chunk_nll, g = kernel(logits, y, w, mask_id, with_grad, num_tokens)
         chunk_nll, w = chunk_nll[:n], w[:n]
         nll[start:stop] = chunk_nll
         loss_sum += (w * chunk_nll).sum()
@@ -103,10 +114,10 @@ class FusedSubsNll(torch.autograd.Function):
     """sum_i w_i * SUBS-NLL_i of F.linear(hidden, weight, bias), with the gradients computed in the forward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, token_weights, mask_id, chunk_rows, compiled):
+    def forward(ctx, hidden, weight, bias, targets, token_weights, mask_id, num_tokens, chunk_rows, compiled):
         needs_grad = tuple(ctx.needs_input_grad[:3])  # (hidden, weight, bias)
         loss_sum, nll, grad_hidden, grad_weight, grad_bias = _chunked_subs_nll(
-            hidden, weight, bias, targets, token_weights, mask_id, chunk_rows, needs_grad, compiled
+            hidden, weight, bias, targets, token_weights, mask_id, num_tokens, chunk_rows, needs_grad, compiled
         )
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
@@ -119,7 +130,7 @@ class FusedSubsNll(torch.autograd.Function):
         grads = tuple(
             None if grad is None else (grad * grad_loss).to(dtype) for grad, dtype in zip(ctx.saved_tensors, ctx.dtypes)
         )
-        return (*grads, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None)
 
 
 def fused_subs_nll(
@@ -131,12 +142,14 @@ def fused_subs_nll(
     mask_id: int,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     compiled: bool | None = None,
+    num_tokens: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The weighted SUBS loss of the rows `hidden` under the projection (weight, bias), and each row's NLL.
 
-    hidden (M, D), weight (V, D), bias (V,) or None, targets (M,) long, token_weights (M,) (constants: they get
+    hidden (M, D), weight (V', D), bias (V',) or None, targets (M,) long, token_weights (M,) (constants: they get
     no gradient) -> loss_sum, a float32 scalar sum_i w_i * nll_i, and nll (M,) float32, detached, where
-    nll_i = logsumexp_{v != mask_id} logits_iv - logits_{i, target_i}. `compiled` None means on CUDA.
+    nll_i = logsumexp_{v != mask_id, v < V} logits_iv - logits_{i, target_i}. V = `num_tokens` (default V'): the
+    weight's rows from V on are vocabulary padding, and get exactly zero gradient. `compiled` None means on CUDA.
 
     Under FSDP2 the weight is only unsharded inside the owning module's forward: call this from there
     (models/dit.py `FinalLayer`), never on `model.output_layer.linear.weight` from outside.
@@ -147,7 +160,7 @@ def fused_subs_nll(
     if not (torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (hidden, weight, bias))):
         # Evaluation: no gradient work. (Inside `apply`, needs_input_grad ignores torch.no_grad, so decide here.)
         loss_sum, nll, *_ = _chunked_subs_nll(
-            hidden, weight, bias, targets, token_weights, mask_id, chunk_rows, (False, False, False), compiled
+            hidden, weight, bias, targets, token_weights, mask_id, num_tokens, chunk_rows, (False,) * 3, compiled
         )
         return loss_sum, nll
-    return FusedSubsNll.apply(hidden, weight, bias, targets, token_weights, mask_id, chunk_rows, compiled)
+    return FusedSubsNll.apply(hidden, weight, bias, targets, token_weights, mask_id, num_tokens, chunk_rows, compiled)

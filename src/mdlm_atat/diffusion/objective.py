@@ -160,8 +160,9 @@ class MaskedDiffusionObjective:
         if self.fused:
             targets, token_weights = x0[masked], weight.expand_as(masked)[masked]  # (M,), (M,)
 
-            def project(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None):
-                return fused_subs_nll(h, w, b, targets, token_weights, self.mask_id)
+            def project(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, num_tokens: int):
+                # w, b may hold padding rows past num_tokens (models/dit.py): the loss excludes them
+                return fused_subs_nll(h, w, b, targets, token_weights, self.mask_id, num_tokens=num_tokens)
 
             nll_sum, nll = model(x_t, noise, rows=masked, project=project)  # scalar, (M,) detached
             # Detached per-token terms, for the estimator's targets and the diagnostics; only nll_sum has a graph.

@@ -21,6 +21,13 @@ diffusion/fused_loss.py), which the layer calls with the selected rows' features
 place of the projection: the (M, V) logits are never held. The call happens inside the output layer's forward
 because FSDP2 only unshards the layer's weight there (the loss component owns the projection, as torchtitan's
 chunked loss does; this module knows nothing of the loss).
+
+Vocabulary padding (`model.pad_vocab_multiple`, nanoGPT's 50,304): the embedding and the output layer hold
+`padded_tokens` = ceil(num_tokens / m) * m rows, so that the output GEMMs' vocabulary dimension is a multiple of m
+(GPT-2's 50,258 sends them to 2-element-aligned kernels on GPUs). The padding rows are zero (initialised so, and
+nothing ever gives them a gradient): the logits keep the first num_tokens columns only, and a `project` callback
+is told num_tokens and excludes the rest. Only the real rows draw random numbers at init, so a padded model starts
+with the same weights, and leaves the RNG in the same state, as an unpadded one built from the same seed.
 """
 
 from __future__ import annotations
@@ -35,16 +42,43 @@ from collections.abc import Callable
 
 from mdlm_atat.config import ModelConfig
 
-# (rows' features (M, D), weight (V, D), bias (V,) or None) -> anything: a loss that projects rows itself
-Projection = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], object]
+# (rows' features (M, D), weight (V', D), bias (V',) or None, num_tokens V) -> anything: a loss that projects rows
+# itself. The weight's rows from V on (V' - V of them) are vocabulary padding: never a token, excluded from the loss.
+Projection = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, int], object]
 
 ROTARY_BASE = 10_000
 FREQUENCY_EMBEDDING_SIZE = 256  # sinusoidal width of the noise-level embedding (DiT, MDLM)
 
 
 def count_parameters(module: nn.Module) -> int:
-    """Number of parameters (shared ones once); works on the meta device."""
+    """Number of parameters (shared ones once), vocabulary padding rows included; works on the meta device."""
     return sum(p.numel() for p in module.parameters())
+
+
+def padded_size(num_tokens: int, multiple: int) -> int:
+    """ceil(num_tokens / multiple) * multiple: the rows of the DiT's vocabulary tensors (50,258 -> 50,304 at 64)."""
+    return -(-num_tokens // multiple) * multiple
+
+
+# The state-dict tensors with one row per token id: the ones vocabulary padding lengthens.
+VOCAB_TENSORS = ("vocab_embed.embedding", "output_layer.linear.weight", "output_layer.linear.bias")
+
+
+def strip_vocab_padding(state: dict[str, torch.Tensor], num_tokens: int) -> dict[str, torch.Tensor]:
+    """A DiT's state dict with its vocabulary tensors cut to the real rows (num_tokens): what an export holds, as an
+    unpadded model's (transformers' modeling file knows no padding). A new dict; the other tensors as they are."""
+    return {k: v[:num_tokens] if k in VOCAB_TENSORS else v for k, v in state.items()}
+
+
+def pad_vocab(state: dict[str, torch.Tensor], num_tokens: int, num_rows: int) -> dict[str, torch.Tensor]:
+    """The inverse of `strip_vocab_padding`: vocabulary tensors of num_tokens rows get zero rows up to num_rows,
+    which is what the padding rows are in a model trained with them (zero at init, never a gradient). Tensors of
+    any other length stay as they are, for load_state_dict to refuse."""
+
+    def padded(v: torch.Tensor) -> torch.Tensor:
+        return torch.cat([v, v.new_zeros(num_rows - num_tokens, *v.shape[1:])])
+
+    return {k: padded(v) if k in VOCAB_TENSORS and v.shape[0] == num_tokens else v for k, v in state.items()}
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -133,15 +167,19 @@ class LayerNorm(nn.Module):
 
 
 class TokenEmbedding(nn.Module):
-    """A raw (num_tokens, D) table, initialised like nn.Linear rather than nn.Embedding's N(0, 1), as MDLM."""
+    """A raw (num_rows, D) table, initialised like nn.Linear rather than nn.Embedding's N(0, 1), as MDLM. Rows from
+    num_tokens on are vocabulary padding: zero, never looked up; only the real rows draw random numbers."""
 
-    def __init__(self, dim: int, num_tokens: int):
+    def __init__(self, dim: int, num_tokens: int, num_rows: int | None = None):
         super().__init__()
-        self.embedding = nn.Parameter(torch.empty(num_tokens, dim))
+        self.num_tokens = num_tokens
+        self.embedding = nn.Parameter(torch.empty(num_rows or num_tokens, dim))
         self.reset_parameters()
 
+    @torch.no_grad()
     def reset_parameters(self) -> None:
-        nn.init.kaiming_uniform_(self.embedding, a=math.sqrt(5))
+        nn.init.kaiming_uniform_(self.embedding[: self.num_tokens], a=math.sqrt(5))
+        self.embedding[self.num_tokens :].zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.embedding(x, self.embedding)  # (B, L, D)
@@ -243,13 +281,32 @@ class DiTBlock(nn.Module):
         return x + gate_mlp * self.dropout2(h)  # (B, L, D)
 
 
-class FinalLayer(nn.Module):
-    """Norm, adaLN shift/scale, then the output projection; all zero-initialised but the norm."""
+class OutputLinear(nn.Linear):
+    """nn.Linear(dim, num_rows) whose rows from num_tokens on are vocabulary padding. nn.Linear's default init
+    (which FinalLayer then zeroes) draws for the real rows alone, as an nn.Linear(dim, num_tokens) would: the
+    random numbers a model draws at init do not depend on its padding."""
 
-    def __init__(self, dim: int, num_tokens: int, cond_dim: int):
+    def __init__(self, dim: int, num_tokens: int, num_rows: int):
+        self.num_tokens = num_tokens
+        super().__init__(dim, num_rows, bias=True)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        n = self.num_tokens
+        nn.init.kaiming_uniform_(self.weight[:n], a=math.sqrt(5))
+        nn.init.uniform_(self.bias[:n], -1 / math.sqrt(self.in_features), 1 / math.sqrt(self.in_features))
+        self.weight[n:].zero_()
+        self.bias[n:].zero_()
+
+
+class FinalLayer(nn.Module):
+    """Norm, adaLN shift/scale, then the output projection; all zero-initialised but the norm. The projection has
+    num_rows >= num_tokens outputs (vocabulary padding); the logits are the first num_tokens."""
+
+    def __init__(self, dim: int, num_tokens: int, cond_dim: int, num_rows: int | None = None):
         super().__init__()
         self.norm_final = LayerNorm(dim)
-        self.linear = nn.Linear(dim, num_tokens, bias=True)
+        self.linear = OutputLinear(dim, num_tokens, num_rows or num_tokens)
         self.adaLN_modulation = nn.Linear(cond_dim, 2 * dim, bias=True)
         self.reset_parameters()
 
@@ -269,25 +326,33 @@ class FinalLayer(nn.Module):
         self, x: torch.Tensor, c: torch.Tensor, rows: torch.Tensor | None = None, project: Projection | None = None
     ) -> object:
         """Logits (B, L, V), or (M, V) for the positions `rows` (B, L) bool; with `project`, whatever it returns
-        for those rows' features and this layer's weight and bias (rows is then required)."""
+        for those rows' features, this layer's weight and bias and num_tokens (rows is then required)."""
         h = self.features(x, c)  # (B, L, D)
         if project is not None:
             if rows is None:
                 raise ValueError("a project callback needs rows: the positions it scores")
-            return project_rows(project, h, rows, self.linear.weight, self.linear.bias)
+            return project_rows(project, h, rows, self.linear.weight, self.linear.bias, self.linear.num_tokens)
         if rows is not None:
             h = h[rows]  # (M, D): project only the positions asked for
-        return self.linear(h)  # (B, L, num_tokens), or (M, num_tokens) with rows
+        return self.project(h)  # (B, L, num_tokens), or (M, num_tokens) with rows
+
+    def project(self, h: torch.Tensor) -> torch.Tensor:
+        """Features (..., D) -> logits (..., num_tokens): the GEMM over every row (an aligned N), then the real
+        columns (a view; the padding columns are never seen)."""
+        logits = self.linear(h)  # (..., num_rows)
+        num_tokens = self.linear.num_tokens
+        return logits if self.linear.out_features == num_tokens else logits[..., :num_tokens]
 
 
 @torch.compiler.disable
 def project_rows(
-    project: Projection, h: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    project: Projection, h: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+    num_tokens: int,
 ) -> object:
-    """project(h[rows], weight, bias), kept out of a compiled DiT's graph: selecting the rows has a data-dependent
-    shape (a graph break anyway), and tracing a chunked loss would specialise on M and recompile every step. The
-    blocks stay one graph; the loss compiles its own fixed-shape kernel on CUDA."""
-    return project(h[rows], weight, bias)
+    """project(h[rows], weight, bias, num_tokens), kept out of a compiled DiT's graph: selecting the rows has a
+    data-dependent shape (a graph break anyway), and tracing a chunked loss would specialise on M and recompile
+    every step. The blocks stay one graph; the loss compiles its own fixed-shape kernel on CUDA."""
+    return project(h[rows], weight, bias, num_tokens)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -298,7 +363,8 @@ class DiT(nn.Module):
     """MDLM's denoiser: tokens x_t (B, L) and noise level (B,) -> logits (B, L, num_tokens) (or, asked to, the
     masked rows' fused SUBS loss: see `forward`).
 
-    `num_tokens` is the vocabulary including the MASK id (rows of the embedding, columns of the output).
+    `num_tokens` is the vocabulary including the MASK id (the columns of the logits); `padded_tokens` >= num_tokens,
+    the rows of the embedding and the output layer (`cfg.pad_vocab_multiple`; the rest are padding, see above).
     `noise_level` is whatever the objective conditions on (MDLM feeds sigma(t) = -log(1 - (1 - eps) t)); with
     `cfg.time_conditioning` off it is replaced by zeros, as in MDLM, so the adaLN layers act as learned biases.
     `causal=True` turns the attention causal (for autoregressive baselines); MDLM itself is bidirectional.
@@ -311,17 +377,18 @@ class DiT(nn.Module):
                 f"model.num_heads: hidden_dim {cfg.hidden_dim} / num_heads {cfg.num_heads} must be an even integer"
             )
         self.num_tokens = num_tokens
+        self.padded_tokens = padded_size(num_tokens, cfg.pad_vocab_multiple)
         self.head_dim = cfg.hidden_dim // cfg.num_heads
         self.time_conditioning = cfg.time_conditioning
         self.causal = causal
 
-        self.vocab_embed = TokenEmbedding(cfg.hidden_dim, num_tokens)
+        self.vocab_embed = TokenEmbedding(cfg.hidden_dim, num_tokens, self.padded_tokens)
         self.sigma_map = TimestepEmbedder(cfg.cond_dim)
         self.blocks = nn.ModuleList(
             DiTBlock(cfg.hidden_dim, cfg.num_heads, cfg.cond_dim, cfg.mlp_ratio, cfg.dropout, causal, cfg.gate_init)
             for _ in range(cfg.num_layers)
         )
-        self.output_layer = FinalLayer(cfg.hidden_dim, num_tokens, cfg.cond_dim)
+        self.output_layer = FinalLayer(cfg.hidden_dim, num_tokens, cfg.cond_dim, self.padded_tokens)
         self.rotary = RotaryTable(self.head_dim)
 
     @torch.no_grad()
@@ -348,8 +415,9 @@ class DiT(nn.Module):
 
         Under SUBS only masked positions carry loss, so the objective asks for those rows alone: the output
         projection (a third of small's matmul FLOPs) and its (B, L, V) logits shrink to the masked fraction.
-        With `project` as well, the objective's loss takes the rows' features (M, D) and the output layer's
-        weight and bias and projects them itself (the fused SUBS loss: no (M, V) logits); its result comes back.
+        With `project` as well, the objective's loss takes the rows' features (M, D), the output layer's weight and
+        bias (padded_tokens rows) and num_tokens, and projects them itself (the fused SUBS loss: no (M, V)
+        logits); its result comes back.
         """
         x, c = self.trunk(x_t, noise_level)
         # (B, L, num_tokens) or (M, num_tokens) in the autocast dtype; or what `project` returns
@@ -373,4 +441,4 @@ class DiT(nn.Module):
 
     def project(self, h: torch.Tensor) -> torch.Tensor:
         """Features (..., D) -> logits (..., num_tokens): the output projection alone."""
-        return self.output_layer.linear(h)
+        return self.output_layer.project(h)

@@ -175,7 +175,7 @@ def check_new_run_dir(run_dir: Path) -> None:
 # Keys a checkpoint's tensors (or their meaning) depend on: a resumed run cannot change them.
 FIXED_ON_RESUME = (
     *(f"model.{key}" for key in ("name", "size", "hidden_dim", "num_layers", "num_heads", "cond_dim", "mlp_ratio",
-                                 "time_conditioning", "vocab_size")),
+                                 "time_conditioning", "vocab_size", "pad_vocab_multiple")),
     "data.tokenizer", "data.tokenizer_vocab_size", "data.max_length", "data.framing",
     "atat.enabled", "atat.importance_mode", "atat.estimator_hidden_dim", "atat.estimator_num_layers",
     "atat.estimator_num_heads", "atat.estimator_cond_dim",
