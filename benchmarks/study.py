@@ -70,6 +70,8 @@ ARMS: dict[str, list[str]] = {
     "mdlm_no_dropout": ["atat.enabled=false", "model.dropout=0.0"],
     "mdlm_time_cond": ["atat.enabled=false", "model.time_conditioning=true"],
     "mdlm_iid_t": ["atat.enabled=false", "diffusion.antithetic=false"],
+    "mdlm_warmup_long": ["atat.enabled=false", "training.warmup_steps=1000"],
+    "mdlm_warmup_short": ["atat.enabled=false", "training.warmup_steps=50"],
 }
 SCORED_AT_BEST = {"ar"}  # arms scored at their best validation checkpoint rather than their last
 
