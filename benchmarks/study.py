@@ -428,6 +428,7 @@ def plot_curves(arms: dict[str, list[Run]], path: Path, weights: str = "EMA weig
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
         11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093, 20: 2.086}
 CONVERGED = 0.01  # nats: a run has converged when its bound moved less than this over its last 10% of tokens
+PLATEAU_EXIT = 6.0  # nats: the bound first below this has left the unigram-level plateau (about 6.7 on prose)
 
 
 def mean_ci(values: list[float]) -> tuple[float, float | None, float | None]:
@@ -606,9 +607,12 @@ def comparison(runs: list[Run], level: str, image: Path, doc: Path) -> tuple[lis
             + f" | **{fmt_mean_sd(pooled, 4)}** | {ppl} | {fmt_mean_sd([r.nelbo('python_docs') for r in rs])} |"
         )
     lines += ["", "Per run (pooled prose bound, its standard error over sequences, python_docs; `last 10%`: how much "
-              f"the trainer-side bound fell over the run's last 10% of tokens, converged below {CONVERGED}):", ""]
-    lines += ["| run | prose | stderr | python_docs | config hash | step | tokens | last 10% | train s | tokens/s (median) |",
-              "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+              f"the trainer-side bound fell over the run's last 10% of tokens, converged below {CONVERGED}; `plateau "
+              f"exit`: the training tokens at which the trainer-side bound first fell below {PLATEAU_EXIT} nats, "
+              "interpolated between evaluations):", ""]
+    lines += ["| run | prose | stderr | python_docs | config hash | step | tokens | last 10% | plateau exit | train s "
+              "| tokens/s (median) |",
+              "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     movements = []
     for arm, rs in arms.items():
         for r in rs:
@@ -618,10 +622,12 @@ def comparison(runs: list[Run], level: str, image: Path, doc: Path) -> tuple[lis
             moved = last_tenth_movement(r.curve)
             if arm not in SCORED_AT_BEST and moved is not None:
                 movements.append(moved)
+            exit_tokens = crossing(r.curve, PLATEAU_EXIT)
             lines.append(
                 f"| {r.folder.name} | {r.prose_nelbo:.4f} | {stderr:.4f} | {r.nelbo('python_docs'):.4f} | "
                 f"`{r.evals[PROSE[0]]['config_hash']}` | {r.evals[PROSE[0]]['step']} | {r.tokens:,} | "
-                f"{'-' if moved is None else f'{moved:.3f}'} | {r.study['train_seconds']:.0f} | "
+                f"{'-' if moved is None else f'{moved:.3f}'} | "
+                f"{'not left' if exit_tokens is None else f'{exit_tokens / 1e6:.1f}M'} | {r.study['train_seconds']:.0f} | "
                 f"{statistics.median(speeds) if speeds else float('nan'):,.0f} |"
             )
     lines += ["", f"![validation bound vs training tokens]({os.path.relpath(image, doc.parent)})", ""]
@@ -629,6 +635,9 @@ def comparison(runs: list[Run], level: str, image: Path, doc: Path) -> tuple[lis
     for arm, rs in arms.items():
         if arm != BASELINE and base and arm not in SCORED_AT_BEST:
             conclusions.append(verdict(arm, rs, base)[0])
+    plateau = plateau_sentence(arms, base)
+    if plateau:
+        conclusions.append(plateau)
     if movements:
         converged = sum(m < CONVERGED for m in movements)
         conclusions.append(
@@ -654,6 +663,26 @@ def comparison(runs: list[Run], level: str, image: Path, doc: Path) -> tuple[lis
             lines.append(f"| {arm} | {fmt_mean_sd(est)} | {fmt_mean_sd(uni)} |")
         lines += [""]
     return lines, conclusions
+
+
+def plateau_sentence(arms: dict[str, list[Run]], base: list[Run]) -> str | None:
+    """How much of the paired differences the plateau's timing explains: over every diffusion arm's pairs with
+    MDLM, the correlation between the difference in plateau exit (tokens) and the difference in final bound."""
+    exits, bounds = [], []
+    for arm, rs in arms.items():
+        if arm == BASELINE or arm in SCORED_AT_BEST or not base:
+            continue
+        for r, b in paired(rs, base, lambda r, b: (r, b)):
+            x, y = crossing(r.curve, PLATEAU_EXIT), crossing(b.curve, PLATEAU_EXIT)
+            if x is not None and y is not None:
+                exits.append((x - y) / 1e6)
+                bounds.append(r.prose_nelbo - b.prose_nelbo)
+    if len(exits) < 3 or len(set(exits)) < 2 or len(set(bounds)) < 2:
+        return None
+    r = statistics.correlation(exits, bounds)
+    return (f"Plateau: over {len(exits)} pairs with MDLM, leaving the plateau (bound below {PLATEAU_EXIT}) later than "
+            f"the MDLM run of the same seed goes with a higher final bound: correlation {r:+.2f} between the "
+            f"difference in exit (tokens, {min(exits):+.1f}M to {max(exits):+.1f}M) and the difference in bound")
 
 
 def diffusion_run(runs: list[Run]) -> Run:

@@ -209,3 +209,16 @@ def test_a_job_stopped_by_the_time_limit_is_resumed_later_not_scored(tmp_path, m
              if json.loads(line)["event"] == "train"]
     assert steps == sorted(steps) and steps[-1] == 4 and 3 in steps  # one continuous run, no restart from 0
     assert json.loads((run / "study.json").read_text())["train_seconds"] > first
+
+
+def test_plateau_sentence_correlates_later_exits_with_higher_bounds():
+    def run(arm, seed, exit_step, bound):
+        curve = ([0.0, exit_step - 1.0, exit_step + 1.0, 100.0], [6.7, 6.1, 5.9, 4.0])  # crosses 6.0 at exit_step
+        evals = {c: {"nelbo": bound, "num_tokens": 1} for c in study.PROSE}
+        return study.Run(arm, seed, Path(f"{arm}-s{seed}"), {}, evals, curve)
+
+    base = [run("mdlm", s, 10.0, 4.0) for s in range(4)]
+    atat = [run("atat", s, 10.0 + d, 4.0 + d / 100) for s, d in enumerate((-2.0, 0.0, 3.0, 5.0))]
+    text = study.plateau_sentence({"mdlm": base, "atat": atat}, base)
+    assert "over 4 pairs" in text and "correlation +1.00" in text
+    assert study.plateau_sentence({"mdlm": base, "atat": atat[:2]}, base) is None  # too few pairs to say anything
