@@ -22,7 +22,7 @@ CPU smoke test (seconds; its timings mean nothing):
         --seq-len 64 --batch-size 4 --steps 50 --vocab-size 1000 --eval-batches 2
 
 On a GPU (the issue's shape: small DiT, GPT-2 vocabulary, 64 x 1024 tokens, 1000 steps; add --compile for the
-compiled blocks):
+compiled blocks, as `atat sample --compile` and `atat eval --compile` have them, in sampling and evaluation):
     python benchmarks/sample_speed.py --size small --batch-size 64 --seq-len 1024 --steps 1000 \\
         --output benchmarks/results/sample_speed_small.json
 """
@@ -71,8 +71,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--compile",
         action="store_true",
-        help="torch.compile the DiT's features (blocks and final norm; dynamic shapes, since the cache passes "
-        "sub-batches of varying size); the projection stays eager",
+        help="torch.compile the DiT's trunk (embedding and blocks; dynamic shapes, since the cache passes "
+        "sub-batches of varying size), as `atat sample/eval --compile`: sampling and evaluation; the output layer "
+        "stays eager",
     )
     p.add_argument("--output", type=Path, help="write the results as JSON here")
     args = p.parse_args(argv)
@@ -162,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     move_zero_init_off_zero(model, torch.Generator().manual_seed(args.seed))
     model.to(device).eval()
     if args.compile:
-        model.features = torch.compile(model.features, dynamic=True)  # the samplers call features, then project
+        model.compile_blocks()  # as `atat sample --compile` and `atat eval --compile`: sampling and evaluation
     autocast = autocast_for(device, args.precision)
     precision = precision_name(device, args.precision)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")

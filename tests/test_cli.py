@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from mdlm_atat.cli import main
 
@@ -28,7 +29,7 @@ def test_console_entry_point_runs():
     assert "train" in out.stdout and "eval" in out.stdout
 
 
-def test_train_then_eval_writes_json(tmp_path, data_cache, capsys):
+def test_train_then_eval_writes_json(tmp_path, data_cache, capsys, monkeypatch):
     run = tmp_path / "run"
     overrides = TINY_OVERRIDES + [f"data.cache_dir={data_cache}"]
     assert main(["train", "--log-dir", str(run), "--max-steps", "3", *overrides]) == 2  # no --config
@@ -47,6 +48,17 @@ def test_train_then_eval_writes_json(tmp_path, data_cache, capsys):
     for key in ("nelbo", "ppl", "bits_per_token", "num_tokens", "step", "stderr", "config_hash", "framing"):
         assert key in result
     assert result["step"] == 6 and result["num_tokens"] == 2 * 8 * 32
+
+    # --compile hands the DiT's trunk to torch.compile (an identity stand-in here: inductor on CPU is slow to build)
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append((fn.__name__, kw)) or fn)
+    again = tmp_path / "eval_compiled.json"
+    assert main(["eval", "--checkpoint", str(run / "checkpoints" / "best.pt"), "--output", str(again),
+                 "--max-batches", "2", "--device", "cpu", "--compile"]) == 0
+    assert compiled == [("trunk", {"dynamic": True})] and json.loads(again.read_text())["nelbo"] == result["nelbo"]
+    assert main(["sample", "--checkpoint", str(run), "--num-samples", "1", "--steps", "2", "--device", "cpu",
+                 "--compile"]) == 0
+    assert len(compiled) == 2
 
 
 def test_bad_key_is_one_clear_line(tmp_path, capsys):

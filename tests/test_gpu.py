@@ -173,6 +173,12 @@ def test_atat_train_end_to_end_on_cuda(tmp_path, compile_model):
     assert summary["val"] is not None and math.isfinite(summary["val"]["nelbo"])
     payload = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     assert not any(key.startswith("_orig_mod.") for key in payload["model"])  # the unwrapped module is saved
+    if compile_model:  # `atat eval --compile` scores what the plain evaluation scores, within bf16 rounding
+        from mdlm_atat.eval.run import evaluate_checkpoint
+
+        plain, compiled = (evaluate_checkpoint(run_dir, max_batches=2, device="cuda", progress=False, compile=c)
+                           for c in (False, True))
+        assert abs(compiled["nelbo"] - plain["nelbo"]) < BF16_RTOL * plain["nelbo"]
 
 
 def test_cuda_mask_draws_resolve_below_float32_spacing():

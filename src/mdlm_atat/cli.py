@@ -14,6 +14,10 @@ from mdlm_atat.config import ConfigError, SampleOrder, SamplerName, apply_overri
 # torch (a second to import) loads with the verb that needs it, not for `atat --help`.
 
 OVERRIDE_HELP = "config overrides, e.g. training.learning_rate=1e-4 model.size=tiny (section.key=value)"
+COMPILE_HELP = (
+    "torch.compile the denoiser's blocks first (a GPU's choice for long jobs: the first batches wait for the "
+    "compilation, tens of seconds; on a CPU inductor needs a C++ compiler)"
+)
 
 
 def user_errors() -> tuple[type[Exception], ...]:
@@ -121,6 +125,7 @@ def _add_eval(subparsers) -> None:
     p.add_argument("--max-batches", type=MAX_BATCHES, default=0, help="score at most this many batches (0 = all)")
     p.add_argument("--seed", type=SEED, default=0, help="seed of the masks and times (default 0)")
     p.add_argument("--no-ema", action="store_true", help="score the raw weights instead of the EMA")
+    p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (there is none when stderr is a file)")
     p.add_argument(
@@ -225,6 +230,7 @@ def _add_sample(subparsers) -> None:
         "causal LM name or folder (needs transformers)",
     )
     p.add_argument("--no-ema", action="store_true", help="sample from the raw weights instead of the EMA")
+    p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -334,7 +340,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
     options = dict(split=args.split, num_t=args.num_t, batch_size=args.batch_size, max_batches=args.max_batches,
                    seed=args.seed, use_ema=not args.no_ema, device=args.device, progress=not args.no_progress,
-                   cache=not args.no_cache)
+                   cache=not args.no_cache, compile=args.compile)
     if args.datasets is not None:
         if args.dataset is not None:
             raise ConfigError("--dataset and --datasets: give one (--datasets takes a comma-separated list)")
@@ -384,6 +390,7 @@ def run_sample(args: argparse.Namespace) -> int:
         device=args.device,
         progress=not args.no_progress,
         order=args.order,
+        compile=args.compile,
     )
     texts = summary.pop("samples")
     if args.output is None:

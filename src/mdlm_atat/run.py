@@ -413,10 +413,21 @@ class LoadedModel:
 
 
 def load_for_inference(
-    checkpoint: str | Path, use_ema: bool = True, device: torch.device | str = "cpu", with_estimator: bool = False
+    checkpoint: str | Path, use_ema: bool = True, device: torch.device | str = "cpu", with_estimator: bool = False,
+    compile: bool = False,
 ) -> LoadedModel:
     """The model (EMA weights by default) of a .pt file, a run folder or an `atat export` folder. With
-    `with_estimator`, also ATAT's importance estimator saved with the weights (None for the MDLM baseline)."""
+    `with_estimator`, also ATAT's importance estimator saved with the weights (None for the MDLM baseline); with
+    `compile`, the denoiser's blocks go through torch.compile (`DiT.compile_blocks`)."""
+    loaded = _load_for_inference(checkpoint, use_ema, device, with_estimator)
+    if compile:
+        loaded.model.compile_blocks()
+    return loaded
+
+
+def _load_for_inference(
+    checkpoint: str | Path, use_ema: bool, device: torch.device | str, with_estimator: bool
+) -> LoadedModel:
     if is_export_dir(checkpoint):
         loaded = load_export(checkpoint, use_ema=use_ema, device=device)
         if with_estimator:

@@ -111,11 +111,14 @@ def sample_checkpoint(
     device: str = "auto",
     progress: bool = True,
     order: str = "confidence",
+    compile: bool = False,
 ) -> dict[str, Any]:
-    """Generate `num_samples` texts; returns the summary (with the texts under "samples")."""
+    """Generate `num_samples` texts; returns the summary (with the texts under "samples"). `compile`:
+    torch.compile the denoiser's blocks first."""
     path = resolve_checkpoint(checkpoint)
     torch_device = resolve_device(device)
-    loaded = load_for_inference(path, use_ema=use_ema, device=torch_device, with_estimator=order == "easy-first")
+    loaded = load_for_inference(path, use_ema=use_ema, device=torch_device, with_estimator=order == "easy-first",
+                                compile=compile)
     model, cfg, tokenizer, is_ar = loaded.model, loaded.cfg, loaded.tokenizer, loaded.is_ar
     sampler = sampler or ("ar" if is_ar else "ancestral")
     allowed = AR_SAMPLERS if is_ar else DIFFUSION_SAMPLERS

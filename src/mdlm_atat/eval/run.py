@@ -34,12 +34,14 @@ def evaluate_checkpoint(
     device: str = "auto",
     progress: bool = True,
     cache: bool = True,
+    compile: bool = False,
 ) -> dict[str, Any]:
-    """The NELBO bound (DESIGN 3.5) of a checkpoint on one dataset split, as a JSON-ready dict."""
+    """The NELBO bound (DESIGN 3.5) of a checkpoint on one dataset split, as a JSON-ready dict; `compile`:
+    torch.compile the denoiser's blocks first."""
     _check_counts(num_t, batch_size, max_batches)
     path = resolve_checkpoint(checkpoint)
     torch_device = resolve_device(device)
-    loaded = load_for_inference(path, use_ema=use_ema, device=torch_device)
+    loaded = load_for_inference(path, use_ema=use_ema, device=torch_device, compile=compile)
     return _evaluate_loaded(loaded, path, torch_device, dataset, split, num_t, batch_size, max_batches, seed,
                             progress, cache=cache)
 
@@ -64,6 +66,7 @@ def evaluate_datasets(
     device: str = "auto",
     progress: bool = True,
     cache: bool = True,
+    compile: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """`evaluate_checkpoint` on several datasets with one load of the model: {entry: result}, in the given order.
 
@@ -75,7 +78,7 @@ def evaluate_datasets(
     _check_counts(num_t, batch_size, max_batches)
     path = resolve_checkpoint(checkpoint)
     torch_device = resolve_device(device)
-    loaded = load_for_inference(path, use_ema=use_ema, device=torch_device)
+    loaded = load_for_inference(path, use_ema=use_ema, device=torch_device, compile=compile)
     results = {}
     for i, entry in enumerate(datasets):
         name, entry_split = split_dataset_entry(entry)

@@ -434,6 +434,12 @@ class DiT(nn.Module):
             x = block(x, cos, sin, c)
         return x, c
 
+    def compile_blocks(self) -> None:
+        """torch.compile the trunk (embedding and blocks) for inference, with dynamic shapes: the cached samplers
+        run it on a varying number of sequences, evaluation on a last, shorter batch. Training compiles the whole
+        model instead (train/distributed.py)."""
+        self.trunk = torch.compile(self.trunk, dynamic=True)
+
     def features(self, x_t: torch.Tensor, noise_level: torch.Tensor) -> torch.Tensor:
         """(B, L, D): what the output projection maps to logits. Samplers keep these per sequence (100 MB for
         64 x 1024 at D = 768, against 6.6 GB of bf16 logits) and project only the positions they decode."""
