@@ -16,6 +16,26 @@ from mdlm_atat.config import MODEL_SIZES, Config, ModelConfig, load_config
 from mdlm_atat.models.dit import DiT, DiTBlock, FinalLayer
 
 
+H100_BF16_DENSE_FLOPS = 989e12  # H100 SXM datasheet, bf16 tensor cores without sparsity (the H200's is the same)
+
+
+def matmul_parameters(model: DiT) -> int:
+    """Weights each token is multiplied by: the blocks' qkv, attn_out and MLP weights, and the output layer's real
+    rows (vocabulary padding is work done, not useful work: MFU leaves it out)."""
+    total = model.num_tokens * model.output_layer.linear.in_features
+    for block in model.blocks:
+        total += block.attn_qkv.weight.numel() + block.attn_out.weight.numel()
+        total += sum(m.weight.numel() for m in block.mlp if isinstance(m, torch.nn.Linear))
+    return total
+
+
+def forward_flops_per_sequence(model: DiT, seq_len: int) -> int:
+    """FLOPs of one sequence through the DiT's trunk (blocks: qkv, attention, attn_out, MLP), the output layer left
+    out: 2 x (the blocks' matmul weights) + 4 x layers x L x hidden (QK^T and AV) per token."""
+    blocks = matmul_parameters(model) - model.num_tokens * model.output_layer.linear.in_features
+    return seq_len * (2 * blocks + 4 * len(model.blocks) * seq_len * model.output_layer.linear.in_features)
+
+
 def model_config(args: argparse.Namespace, dropout: float) -> tuple[ModelConfig, str]:
     """The preset (default small), with any explicit dimension taking precedence; returns (config, label)."""
     preset = args.size or "small"

@@ -45,7 +45,10 @@ from mdlm_atat.diffusion.schedule import LogLinearSchedule
 from mdlm_atat.eval.likelihood import evaluate_bound
 from mdlm_atat.models.dit import DiT, count_parameters
 from mdlm_atat.runtime import autocast_for, precision_name, resolve_device
-from common import fmt, model_config, move_zero_init_off_zero, print_table, run_facts, synchronize, write_json  # noqa: E402 (benchmarks/ is on sys.path when run as a script)
+from common import (  # noqa: E402 (benchmarks/ is on sys.path when run as a script)
+    H100_BF16_DENSE_FLOPS, forward_flops_per_sequence, fmt, model_config, move_zero_init_off_zero, print_table,
+    run_facts, synchronize, write_json,
+)
 
 SAMPLERS = ("ancestral", "ancestral-cache", "confidence")
 
@@ -75,6 +78,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "sub-batches of varying size), as `atat sample/eval --compile`: sampling and evaluation; the output layer "
         "stays eager",
     )
+    p.add_argument("--peak-flops", type=float,
+                   help=f"device peak FLOP/s for MFU and the floor; default {H100_BF16_DENSE_FLOPS:.0e} (H100 bf16) on "
+                        "CUDA, none on CPU")
     p.add_argument("--output", type=Path, help="write the results as JSON here")
     args = p.parse_args(argv)
     args.samplers = [s.strip() for s in args.samplers.split(",") if s.strip()]
@@ -115,9 +121,18 @@ def run_sampler(sampler: str, model: DiT, args, device, autocast, mask_id: int, 
                    generator=torch.Generator(device=device).manual_seed(args.seed), **kwargs)
     synchronize(device)
     seconds = time.perf_counter() - clock
+    # The trunk's work (what the cache saves is whole sequences of it) plus projecting each decoded token; the
+    # floor is that work at the peak rate: how far any sampler of these network calls can go.
+    flops = (out.num_sequence_evals * forward_flops_per_sequence(model, args.seq_len)
+             + 2 * model.output_layer.linear.in_features * model.num_tokens * args.batch_size * content)
+    peak = args.peak_flops or (H100_BF16_DENSE_FLOPS if device.type == "cuda" else None)
     result = {
         "sampler": sampler,
         "seconds": seconds,
+        "forward_flops": flops,
+        "achieved_flops_per_s": flops / seconds,
+        "mfu": flops / seconds / peak if peak else None,
+        "seconds_at_peak": flops / peak if peak else None,
         "num_network_calls": out.num_network_calls,
         "num_sequence_evals": out.num_sequence_evals,
         "cache": out.cache,
@@ -186,10 +201,11 @@ def main(argv: list[str] | None = None) -> int:
         if base is not None and r["sampler"] == "ancestral-cache":
             r["tokens_equal_to_ancestral"] = float((samples[r["sampler"]] == samples["ancestral"]).double().mean())
 
-    header = ("sampler", "seconds", "net calls", "seq evals", "tokens/s", "speed-up", "peak GiB")
+    header = ("sampler", "seconds", "net calls", "seq evals", "tokens/s", "speed-up", "peak GiB", "MFU %", "s at peak")
     rows = [(r["sampler"], fmt(r["seconds"], ".2f"), str(r["num_network_calls"]), str(r["num_sequence_evals"]),
              fmt(r["sampled_tokens_per_s"], ",.0f"), fmt(r["speedup_vs_ancestral"], ".2f"),
-             fmt(r["peak_memory_gib"], ".2f")) for r in results]
+             fmt(r["peak_memory_gib"], ".2f"), fmt(r["mfu"] and 100 * r["mfu"], ".1f"),
+             fmt(r["seconds_at_peak"], ".2f")) for r in results]
     print()
     print_table(header, rows)
     for r in results:

@@ -64,7 +64,10 @@ from mdlm_atat.models.dit import DiT, count_parameters
 from mdlm_atat.run import Run, Vocab
 from mdlm_atat.runtime import autocast_for, precision_name, resolve_device
 from mdlm_atat.train import distributed
-from common import fmt, model_config, move_zero_init_off_zero, print_table, run_config, run_facts, synchronize, write_json  # noqa: E402 (benchmarks/ is on sys.path when run as a script)
+from common import (  # noqa: E402 (benchmarks/ is on sys.path when run as a script)
+    H100_BF16_DENSE_FLOPS, fmt, matmul_parameters, model_config, move_zero_init_off_zero, print_table, run_config,
+    run_facts, synchronize, write_json,
+)
 
 VARIANTS = ("eager", "compiled", "atat", "atat-compiled")
 LOSS_PATHS = ("fused", "rows", "full")
@@ -73,7 +76,6 @@ LOSS_PATH_NAMES = {
     "rows": "logits of the masked rows only",
     "full": "logits of every position",
 }
-H100_BF16_DENSE_FLOPS = 989e12  # H100 SXM datasheet, bf16 tensor cores without sparsity (the H200's is the same)
 LOSS_RTOL = 2e-2  # bf16 keeps 8 mantissa bits: ~4e-3 per rounding
 NUM_DISTINCT_BATCHES = 4  # cycled, so that no step reuses the previous step's masks
 FLOPS_FORMULA = (
@@ -159,16 +161,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.warmup < 0:
         p.error("--warmup: must be >= 0")
     return args
-
-
-def matmul_parameters(model: DiT) -> int:
-    """Weights each token is multiplied by: the blocks' qkv, attn_out and MLP weights, and the output layer's real
-    rows (vocabulary padding is work done, not useful work: MFU leaves it out)."""
-    total = model.num_tokens * model.output_layer.linear.in_features
-    for block in model.blocks:
-        total += block.attn_qkv.weight.numel() + block.attn_out.weight.numel()
-        total += sum(m.weight.numel() for m in block.mlp if isinstance(m, torch.nn.Linear))
-    return total
 
 
 def flops_per_token(model: DiT, cfg: ModelConfig, seq_len: int) -> int:

@@ -11,6 +11,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 import sample_speed  # noqa: E402
+import sampling_floor  # noqa: E402
 import train_step  # noqa: E402
 
 TINY = ["--device", "cpu", "--hidden-dim", "32", "--num-layers", "2", "--num-heads", "2", "--cond-dim", "16",
@@ -56,6 +57,16 @@ def test_sample_speed_cache_gives_the_same_tokens_on_cpu(tmp_path):
     assert by_name["ancestral"]["num_network_calls"] == 20 and cached["mask_left"] == 0
     assert cached["num_sequence_evals"] <= by_name["ancestral"]["num_sequence_evals"]
     assert report["eval"]["tokens_per_s"] > 0 and report["eval"]["nelbo"] > 0
+
+    # The FLOP accounting: a sequence through 2 blocks of width 32 (12 x 32^2 matmul weights each) at L = 32 is
+    # 32 x (2 x 2 x 12 x 32^2 + 4 x 2 x 32 x 32) FLOPs, plus 2 x 32 x 301 per decoded token.
+    per_sequence, decoded = 32 * (2 * 2 * 12 * 32**2 + 4 * 2 * 32 * 32), 4 * 30
+    assert cached["forward_flops"] == cached["num_sequence_evals"] * per_sequence + 2 * 32 * 301 * decoded
+    assert cached["mfu"] is None and sample_speed.main([*TINY, "--steps", "4", "--eval-batches", "0", "--peak-flops",
+                                                        "1e12", "--output", str(out)]) == 0
+    rerun = {r["sampler"]: r for r in json.loads(out.read_text())["sampling"]}["ancestral"]
+    assert rerun["seconds_at_peak"] == pytest.approx(rerun["forward_flops"] / 1e12)
+    assert sampling_floor.main([str(out), "--peak-flops", "1e12"]) == 0
 
 
 @pytest.mark.parametrize("capacity", [5, 32, 40, 100, 129, 300, 1000])
