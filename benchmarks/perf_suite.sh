@@ -5,36 +5,51 @@
 # (same seed: the report gives the fraction of equal tokens), and the evaluation throughput at num_t 4, both with
 # the compiled blocks. A step that fails or runs past its time limit is reported and the rest still run.
 #
-#   bash benchmarks/perf_suite.sh [OUT]            # on the GPU machine
-#   SMOKE=1 bash benchmarks/perf_suite.sh /tmp/p   # tiny shapes on the CPU: checks that every step runs
+# PART=medium runs instead the medium model's largest batch (its own call: each probed batch compiles anew).
+#
+#   bash benchmarks/perf_suite.sh [OUT]                 # on the GPU machine
+#   PART=medium bash benchmarks/perf_suite.sh [OUT]     # the same machine, another call
+#   SMOKE=1 bash benchmarks/perf_suite.sh /tmp/p        # tiny shapes on the CPU: checks that every step runs
 set -u
 OUT=${1:-benchmarks/results/perf}
+PART=${PART:-main}
 mkdir -p "$OUT"
 export PYTHONPATH="${PWD}/src${PYTHONPATH:+:$PYTHONPATH}"
 if [ "${SMOKE:-0}" = 1 ]; then
   SHAPE="--device cpu --hidden-dim 32 --num-layers 1 --num-heads 2 --vocab-size 1000"
   TRAIN="python3 benchmarks/train_step.py $SHAPE --batch-size 2 --seq-len 32 --steps 2 --warmup 1 --loss fused"
   SAMPLE="python3 benchmarks/sample_speed.py $SHAPE --batch-size 2 --seq-len 32 --steps 8 --eval-batches 2"
-  SIZES=(--size=small --size=tiny) VARIANTS=eager,atat COMPILE="" LIMIT=300
+  SIZES=(--size=small --size=tiny --size=medium) VARIANTS=eager,atat COMPILE="" LIMIT=300 MAXBATCH=""
 else
   TRAIN="python3 benchmarks/train_step.py --batch-size 32 --seq-len 1024 --steps 20 --warmup 5 --loss fused"
   SAMPLE="python3 benchmarks/sample_speed.py --size small --batch-size 64 --seq-len 1024 --steps 1000 --eval-batches 8"
-  SIZES=(--size=small --size=tiny) VARIANTS=compiled,atat-compiled COMPILE=--compile LIMIT=150
+  SIZES=(--size=small --size=tiny --size=medium) VARIANTS=compiled,atat-compiled COMPILE=--compile LIMIT=150
+  MAXBATCH="--max-batch 512"
 fi
 
 failed=()
-step() {  # name, command...: run with a time limit, keep going on failure
+step() {  # name, command...: run with a time limit (LIMIT seconds), keep going on failure
   local name=$1; shift
   echo "== $name: $*"
   timeout "$LIMIT" "$@" || failed+=("$name (exit $?)")
 }
-for pad in 1 64; do
-  step "train_step small pad $pad" $TRAIN ${SIZES[0]} --variants $VARIANTS --pad-vocab-multiple $pad \
-    --output "$OUT/train_step_small_pad$pad.json"
-done
-step "train_step tiny" $TRAIN ${SIZES[1]} --variants ${VARIANTS%%,*} --output "$OUT/train_step_tiny.json"
-step "sampling and evaluation" $SAMPLE --samplers ancestral,ancestral-cache --num-t 4 $COMPILE \
-  --output "$OUT/sample_speed_small.json"
+if [ "$PART" = medium ]; then
+  LIMIT=540 step "train_step medium, largest batch" $TRAIN ${SIZES[2]} --variants ${VARIANTS%%,*} $MAXBATCH \
+    --output "$OUT/train_step_medium.json"
+else
+  for pad in 1 64; do
+    step "train_step small pad $pad" $TRAIN ${SIZES[0]} --variants $VARIANTS --pad-vocab-multiple $pad \
+      --output "$OUT/train_step_small_pad$pad.json"
+  done
+  step "train_step tiny" $TRAIN ${SIZES[1]} --variants ${VARIANTS%%,*} --output "$OUT/train_step_tiny.json"
+  # Two tiny jobs sharing the GPU, as the study runs them: their combined tokens/s is the sum of the two.
+  step "train_step tiny, two at once" bash -c "$TRAIN ${SIZES[1]} --variants ${VARIANTS%%,*} \
+    --output '$OUT/train_step_tiny_shared_a.json' > '$OUT/tiny_shared_a.log' 2>&1 & a=\$!; $TRAIN ${SIZES[1]} \
+    --variants ${VARIANTS%%,*} --output '$OUT/train_step_tiny_shared_b.json' > '$OUT/tiny_shared_b.log' 2>&1; \
+    b=\$?; wait \$a; exit \$(( \$? || b ))"
+  step "sampling and evaluation" $SAMPLE --samplers ancestral,ancestral-cache --num-t 4 $COMPILE \
+    --output "$OUT/sample_speed_small.json"
+fi
 echo "written: $(ls "$OUT" | tr '\n' ' ')"
 if [ ${#failed[@]} -gt 0 ]; then
   printf 'failed: %s\n' "${failed[@]}"
