@@ -95,3 +95,20 @@ def test_max_batch_needs_a_gpu(capsys):
     with pytest.raises(SystemExit):
         train_step.parse_args(["--device", "cpu", "--max-batch", "256"])
     assert "needs a CUDA device" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_perf_suite_smoke_runs_every_step(tmp_path):
+    """benchmarks/perf_suite.sh with SMOKE=1: every measurement of the GPU call runs at tiny sizes on the CPU."""
+    import os
+    import subprocess
+
+    env = dict(os.environ, SMOKE="1")
+    done = subprocess.run(["bash", "benchmarks/perf_suite.sh", str(tmp_path)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    written = {p.name for p in tmp_path.glob("*.json")}
+    assert written == {"train_step_small_pad1.json", "train_step_small_pad64.json", "train_step_tiny.json",
+                       "train_step_tiny_shared_a.json", "train_step_tiny_shared_b.json", "sample_speed_small.json"}
+    pads = [json.loads((tmp_path / f"train_step_small_pad{p}.json").read_text())["results"][0] for p in (1, 64)]
+    assert pads[0]["loss_first_batch"] == pytest.approx(pads[1]["loss_first_batch"], rel=1e-5)  # same function
