@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import math
 import os
@@ -315,6 +316,15 @@ class Run:
     curve: tuple[list[float], list[float]]  # (tokens seen, validation NELBO) of the trainer's evaluations
     records: Any = None
 
+    @functools.cached_property
+    def config(self) -> tuple[str, dict[str, Any]]:
+        """(the run's saved config.yaml text, the config) as the run wrote it; read once."""
+        import yaml
+
+        path = self.folder / "config.yaml"
+        text = path.read_text() if path.is_file() else ""
+        return text, (yaml.safe_load(text) if text else {})
+
     def nelbo(self, corpus: str) -> float:
         return self.evals[corpus]["nelbo"]
 
@@ -525,20 +535,11 @@ def pilot_lines(pilot: Path) -> list[str]:
     return lines + [""]
 
 
-def setting_of(run: Run) -> tuple[str, dict[str, Any]]:
-    """(the run's saved config.yaml text, the config) as the run wrote it."""
-    import yaml
-
-    path = run.folder / "config.yaml"
-    text = path.read_text() if path.is_file() else ""
-    return text, (yaml.safe_load(text) if text else {})
-
-
 def one_setting(runs: list[Run], what: str) -> tuple[str, dict[str, Any]]:
     """The training setting every run of a comparison shares; runs trained differently are never pooled."""
     settings: dict[str, list[str]] = {}
     for r in runs:
-        cfg = setting_of(r)[1]
+        cfg = r.config[1]
         key = describe_setting(cfg) + f", {cfg.get('training', {}).get('total_steps')} steps"
         settings.setdefault(key, []).append(str(r.folder))
     if len(settings) > 1:
@@ -546,19 +547,19 @@ def one_setting(runs: list[Run], what: str) -> tuple[str, dict[str, Any]]:
                            for key, folders in settings.items())
         raise StudyError(f"{what}: runs of different settings would be pooled ({listed}); give each setting's "
                          "study folders to its own option (--out for the comparison, --screen for a screen)")
-    first = next((r for r in runs if r.arm == BASELINE), runs[0])
-    return setting_of(first)
+    return next((r for r in runs if r.arm == BASELINE), runs[0]).config
 
 
 def uses_ema(cfg: dict[str, Any]) -> bool:
     return float(cfg.get("training", {}).get("ema_decay", 0) or 0) > 0
 
 
-def comparison(runs: list[Run], level: str, image: Path, doc: Path) -> tuple[list[str], list[str]]:
-    """One comparison's tables (the claims, the final bounds, every run), its curves and its conclusions; `level`
-    is the markdown heading prefix of its subsections."""
+def comparison(
+    runs: list[Run], cfg: dict[str, Any], level: str, image: Path, doc: Path
+) -> tuple[list[str], list[str]]:
+    """One comparison's tables (the claims, the final bounds, every run), its curves and its conclusions; `cfg` is
+    the setting its runs share (`one_setting`), `level` the markdown heading prefix of its subsections."""
     arms = by_arm(runs)
-    _, cfg = setting_of(next((r for r in runs if r.arm == BASELINE), runs[0]))
     weights = "EMA weights" if uses_ema(cfg) else "raw weights (no EMA)"
     plot_curves(arms, image, weights)
     base = arms.get(BASELINE, [])
@@ -748,7 +749,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         "## The comparison",
         "",
     ]
-    body, conclusions = comparison(runs, "###", args.images / "results_curves.png", doc)
+    body, conclusions = comparison(runs, cfg, "###", args.images / "results_curves.png", doc)
     lines += body
     screen_conclusions: list[str] = []
     if screen:
@@ -758,7 +759,9 @@ def cmd_report(args: argparse.Namespace) -> int:
             f"Its own setting ({describe_setting(screen_cfg)}), each arm against the MDLM runs of that setting.",
             "",
         ]
-        body, screen_conclusions = comparison(screen, "###", args.images / "results_screen_curves.png", doc)
+        body, screen_conclusions = comparison(
+            screen, screen_cfg, "###", args.images / "results_screen_curves.png", doc
+        )
         lines += body
     if args.pilot:
         lines += pilot_lines(args.pilot)
