@@ -36,6 +36,14 @@ def forward_flops_per_sequence(model: DiT, seq_len: int) -> int:
     return seq_len * (2 * blocks + 4 * len(model.blocks) * seq_len * model.output_layer.linear.in_features)
 
 
+def sampling_flops(model: DiT, num_sequence_evals: int, seq_len: int, decoded_tokens: int) -> int:
+    """A sampler's work: whole sequences through the trunk (what a cache saves) plus each decoded token's
+    projection to the vocabulary."""
+    hidden = model.output_layer.linear.in_features
+    trunk = num_sequence_evals * forward_flops_per_sequence(model, seq_len)
+    return trunk + 2 * hidden * model.num_tokens * decoded_tokens
+
+
 def model_config(args: argparse.Namespace, dropout: float) -> tuple[ModelConfig, str]:
     """The preset (default small), with any explicit dimension taking precedence; returns (config, label)."""
     preset = args.size or "small"

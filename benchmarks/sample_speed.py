@@ -46,8 +46,8 @@ from mdlm_atat.eval.likelihood import evaluate_bound
 from mdlm_atat.models.dit import DiT, count_parameters
 from mdlm_atat.runtime import autocast_for, precision_name, resolve_device
 from common import (  # noqa: E402 (benchmarks/ is on sys.path when run as a script)
-    H100_BF16_DENSE_FLOPS, forward_flops_per_sequence, fmt, model_config, move_zero_init_off_zero, print_table,
-    run_facts, synchronize, write_json,
+    H100_BF16_DENSE_FLOPS, fmt, model_config, move_zero_init_off_zero, print_table,
+    run_facts, sampling_flops, synchronize, write_json,
 )
 
 SAMPLERS = ("ancestral", "ancestral-cache", "confidence")
@@ -123,8 +123,7 @@ def run_sampler(sampler: str, model: DiT, args, device, autocast, mask_id: int, 
     seconds = time.perf_counter() - clock
     # The trunk's work (what the cache saves is whole sequences of it) plus projecting each decoded token; the
     # floor is that work at the peak rate: how far any sampler of these network calls can go.
-    flops = (out.num_sequence_evals * forward_flops_per_sequence(model, args.seq_len)
-             + 2 * model.output_layer.linear.in_features * model.num_tokens * args.batch_size * content)
+    flops = sampling_flops(model, out.num_sequence_evals, args.seq_len, args.batch_size * content)
     peak = args.peak_flops or (H100_BF16_DENSE_FLOPS if device.type == "cuda" else None)
     result = {
         "sampler": sampler,

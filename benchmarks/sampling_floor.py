@@ -16,7 +16,7 @@ import torch
 
 from mdlm_atat.config import ModelConfig
 from mdlm_atat.models.dit import DiT
-from common import H100_BF16_DENSE_FLOPS, forward_flops_per_sequence  # noqa: E402 (benchmarks/ is on sys.path)
+from common import H100_BF16_DENSE_FLOPS, sampling_flops  # noqa: E402 (benchmarks/ is on sys.path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,8 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     decoded = run["batch_size"] * (run["seq_len"] - 2)  # [BOS] content [EOS]
     print(f"{args.result}: {run['device_name']}, {run['batch_size']} x {run['seq_len']} tokens, {run['steps']} steps")
     for r in run["sampling"]:
-        flops = (r["num_sequence_evals"] * forward_flops_per_sequence(model, run["seq_len"])
-                 + 2 * m["hidden_dim"] * m["num_tokens"] * decoded)
+        flops = sampling_flops(model, r["num_sequence_evals"], run["seq_len"], decoded)
         print(f"  {r['sampler']}: {r['num_sequence_evals']:,} sequence evaluations, {flops / 1e15:.2f} PFLOP; "
               f"measured {r['seconds']:.1f} s ({flops / r['seconds'] / 1e12:.0f} TFLOP/s, "
               f"{100 * flops / r['seconds'] / args.peak_flops:.0f}% of peak); at {args.peak_flops / 1e12:.0f} TFLOP/s: "
