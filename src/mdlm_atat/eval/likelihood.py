@@ -35,8 +35,11 @@ class BoundResult:
 
 
 def to_device(x: torch.Tensor, device: torch.device | str, pin: bool) -> torch.Tensor:
-    """A CPU tensor on `device`; from pinned memory without blocking the host when `pin` (CUDA)."""
-    return x.pin_memory().to(device, non_blocking=True) if pin else x.to(device)
+    """x on `device`; a CPU tensor goes through pinned memory without blocking the host when `pin` (CUDA): a copy
+    from pageable memory would wait for the device's queue first."""
+    if pin and x.device.type == "cpu":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
 
 
 @torch.no_grad()
@@ -63,16 +66,17 @@ def evaluate_bound(
         model.eval()
     # A private generator on the CPU: the same numbers on any device, and the training RNG stream is untouched.
     generator = torch.Generator().manual_seed(seed)
-    # Draws are made on the CPU and copied from pinned memory without blocking, and the per-sequence results stay
-    # on the device until the end: no host sync per batch, so the host draws batch k + 1 while the GPU scores k.
+    # Batches and draws are copied from pinned memory without blocking, and the per-sequence results stay on the
+    # device until the end: no host sync per batch, so the host draws batch k + 1 while the GPU scores k.
     pin = torch.device(device).type == "cuda"
     sequence_losses: list[torch.Tensor] = []  # (B,) per batch: per-token NELBO of each sequence
     token_counts: list[torch.Tensor] = []
     for x0 in batches:
-        x0 = x0.to(device, non_blocking=True)
+        x0 = to_device(x0, device, pin)
         real = None if pad_id is None else x0 != pad_id  # (B, L): padded framing; packed rows are all real
-        # (K, B) stratified times; an exact objective needs none: one pass.
-        times = [None] if exact else to_device(objective.schedule.stratified_t(x0.shape[0], num_t, generator), device, pin)
+        times = [None]  # an exact objective needs no t: one pass
+        if not exact:  # (K, B) stratified times
+            times = to_device(objective.schedule.stratified_t(x0.shape[0], num_t, generator), device, pin)
         per_t = []
         for t in times:
             # (B, L), drawn on CPU for determinism
