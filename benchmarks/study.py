@@ -535,18 +535,37 @@ def pilot_lines(pilot: Path) -> list[str]:
     return lines + [""]
 
 
+def without_arm_overrides(run: Run, base: dict[str, Any]) -> dict[str, Any]:
+    """The run's config with every key its arm overrides put back to the baseline's value (or dropped): what an
+    arm changes on purpose (mdlm_warmup_long's warm-up) is its treatment, not a different setting."""
+    cfg = json.loads(json.dumps(run.config[1]))
+    for override in ARMS[run.arm]:
+        *parents, name = override.split("=", 1)[0].split(".")
+        mine, theirs = cfg, base
+        for part in parents:
+            mine, theirs = mine.get(part, {}), (theirs or {}).get(part, {})
+        if name in (theirs or {}):
+            mine[name] = theirs[name]
+        else:
+            mine.pop(name, None)
+    return cfg
+
+
 def one_setting(runs: list[Run], what: str) -> tuple[str, dict[str, Any]]:
-    """The training setting every run of a comparison shares; runs trained differently are never pooled."""
+    """The training setting every run of a comparison shares, apart from what each arm's overrides change; runs
+    trained differently are never pooled."""
+    base = next((r for r in runs if r.arm == BASELINE), runs[0]).config[1]
     settings: dict[str, list[str]] = {}
     for r in runs:
-        cfg = r.config[1]
+        cfg = without_arm_overrides(r, base)
         key = describe_setting(cfg) + f", {cfg.get('training', {}).get('total_steps')} steps"
         settings.setdefault(key, []).append(str(r.folder))
     if len(settings) > 1:
         listed = "; ".join(f"{key}: {', '.join(folders[:2])}{' ...' if len(folders) > 2 else ''}"
                            for key, folders in settings.items())
         raise StudyError(f"{what}: runs of different settings would be pooled ({listed}); give each setting's "
-                         "study folders to its own option (--out for the comparison, --screen for a screen)")
+                         "study folders to its own option (--out for the comparison, --screen for a screen, --also for "
+                         "another setting)")
     return next((r for r in runs if r.arm == BASELINE), runs[0]).config
 
 
@@ -706,23 +725,68 @@ def setup_lines(runs: list[Run], cfg: dict[str, Any], what: str) -> list[str]:
     ]
 
 
-def cmd_report(args: argparse.Namespace) -> int:
+@dataclass
+class Section:
+    """One setting's comparison in the report: its study folders, runs and shared config."""
+    title: str
+    intro: str
+    folders: list[Path]
+    runs: list[Run]
+    cfg: dict[str, Any]
+    image: str
+
+    @property
+    def names(self) -> str:
+        return ", ".join(f.name for f in self.folders)
+
+
+def sections(args: argparse.Namespace) -> tuple[str, list[Section]]:
+    """The comparison (--out), then each other setting (--also, in the order given), then the screen (--screen);
+    each checked to hold one setting. Returns the comparison's config text too."""
     runs = [run for out in args.out for run in load_runs(out)]
-    screen = [run for out in args.screen for run in load_runs(out)]
     cfg_text, cfg = one_setting(runs, "--out")
-    screen_cfg = one_setting(screen, "--screen")[1] if screen else {}
+    found = [Section("The comparison", "", args.out, runs, cfg, "results_curves.png")]
+    for group in args.also:
+        also = [run for out in group for run in load_runs(out)]
+        also_cfg = one_setting(also, "--also")[1]
+        names = "_".join(f.name for f in group)
+        found.append(Section(
+            f"Another setting: {', '.join(f.name for f in group)}",
+            f"Its own setting ({describe_setting(also_cfg)}), each arm against the MDLM runs of that setting; never "
+            "pooled with the comparison above.",
+            group, also, also_cfg, f"results_{names}_curves.png",
+        ))
+    if args.screen:
+        screen = [run for out in args.screen for run in load_runs(out)]
+        screen_cfg = one_setting(screen, "--screen")[1]
+        found.append(Section(
+            "The screen (ablations, a shorter setting named as a screen)",
+            f"Its own setting ({describe_setting(screen_cfg)}), each arm against the MDLM runs of that setting.",
+            args.screen, screen, screen_cfg, "results_screen_curves.png",
+        ))
+    return cfg_text, found
+
+
+def report_command(args: argparse.Namespace) -> str:
+    folders = lambda option, outs: f" {option} " + " ".join(str(out) for out in outs)  # noqa: E731
+    return ("python benchmarks/study.py report" + folders("--out", args.out)
+            + "".join(folders("--also", group) for group in args.also)
+            + (folders("--screen", args.screen) if args.screen else "")
+            + f" --doc {args.doc}"
+            + (f" --pilot {args.pilot}" if args.pilot else "")
+            + (f" --discussion {args.discussion}" if args.discussion else ""))
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    cfg_text, found = sections(args)
+    main, others = found[0], found[1:]
     doc: Path = args.doc
+    folders = [folder for section in found for folder in section.folders]
     invocations = []
-    for out in (*args.out, *args.screen):
+    for out in folders:
         log = out / "study_run.json"
         invocations += json.loads(log.read_text())["invocations"] if log.is_file() else []
-    outs = "--out " + " ".join(str(out) for out in args.out)
-    report_cmd = (f"python benchmarks/study.py report {outs}"
-                  + (" --screen " + " ".join(str(out) for out in args.screen) if args.screen else "")
-                  + f" --doc {doc}"
-                  + (f" --pilot {args.pilot}" if args.pilot else "")
-                  + (f" --discussion {args.discussion}" if args.discussion else ""))
-    folders = [*args.out, *args.screen]
+    report_cmd = report_command(args)
     lines = [
         "# Does ATAT help? MDLM vs ATAT on the prose corpora",
         "",
@@ -733,42 +797,33 @@ def cmd_report(args: argparse.Namespace) -> int:
         "",
         "## Setup",
         "",
-        *setup_lines(runs, cfg, "The comparison"),
-        *(setup_lines(screen, screen_cfg, "The screen") if screen else []),
+        *setup_lines(main.runs, main.cfg, "The comparison"),
+        *[line for s in others for line in setup_lines(s.runs, s.cfg, s.title.split(" (")[0])],
         "- Both: the training splits of sotu, brown, austen and kjv (../shared/corpora); the same initial weights "
         "and data order for every arm at one seed. Scored: MDLM's uniform-masking NELBO bound (nats per token, an "
-        f"upper bound on the NLL), {diffusion_run(runs).evals[PROSE[0]]['num_t']} stratified t per sequence, on each corpus's "
-        "whole validation split, and zero-shot on python_docs (reStructuredText: never trained on). The AR baseline "
-        "is scored by its exact NLL at its best validation checkpoint. The curves are the trainer's periodic bound "
-        "on the pooled prose validation split (4 t per sequence).",
+        f"upper bound on the NLL), {diffusion_run(main.runs).evals[PROSE[0]]['num_t']} stratified t per sequence, "
+        "on each corpus's whole validation split, and zero-shot on python_docs (reStructuredText: never trained on). "
+        "The AR baseline is scored by its exact NLL at its best validation checkpoint. The curves are the trainer's "
+        "periodic bound on the pooled prose validation split (4 t per sequence).",
         "- Spread: ± in the arm table is the sample standard deviation over seeds; differences are paired by seed "
         "and given with their standard error (± in the comparison) and a 95% t interval.",
         "- Timings (train s, tokens/s) are each run's own, measured while other jobs of the study shared its GPU: "
         "they are not single-run speeds.",
         "",
-        "## The comparison",
-        "",
     ]
-    body, conclusions = comparison(runs, cfg, "###", args.images / "results_curves.png", doc)
-    lines += body
-    screen_conclusions: list[str] = []
-    if screen:
-        lines += [
-            "## The screen (ablations, a shorter setting named as a screen)",
-            "",
-            f"Its own setting ({describe_setting(screen_cfg)}), each arm against the MDLM runs of that setting.",
-            "",
-        ]
-        body, screen_conclusions = comparison(
-            screen, screen_cfg, "###", args.images / "results_screen_curves.png", doc
-        )
+    conclusions: list[tuple[Section, list[str]]] = []
+    for section in found:
+        lines += [f"## {section.title}", ""] + ([section.intro, ""] if section.intro else [])
+        body, said = comparison(section.runs, section.cfg, "###", args.images / section.image, doc)
         lines += body
+        conclusions.append((section, said))
     if args.pilot:
         lines += pilot_lines(args.pilot)
     lines += ["## Conclusion", ""]
-    lines += [f"- {c}." for c in conclusions] or ["- No MDLM baseline among the runs: nothing to compare."]
-    if screen_conclusions:
-        lines += ["", "The screen:", ""] + [f"- {c}." for c in screen_conclusions]
+    lines += [f"- {c}." for c in conclusions[0][1]] or ["- No MDLM baseline among the runs: nothing to compare."]
+    for section, said in conclusions[1:]:
+        if said:
+            lines += ["", f"{section.title.split(' (')[0]}:", ""] + [f"- {c}." for c in said]
     lines += [
         "",
         "These are small models trained for minutes on 4.8M tokens of prose; what holds here need not hold at "
@@ -787,14 +842,16 @@ def cmd_report(args: argparse.Namespace) -> int:
         "",
         "```bash",
     ]
-    for r in [*runs, *screen]:
-        lines += [r.study["train_command"], r.study["eval_command"]]
+    for section in found:
+        for r in section.runs:
+            lines += [r.study["train_command"], r.study["eval_command"]]
     lines += ["```", "", "The comparison's config, as its MDLM run saved it:", "", "```yaml", cfg_text.rstrip(), "```", ""]
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text("\n".join(lines))
     print(f"wrote {doc}")
-    for c in [*conclusions, *screen_conclusions]:
-        print(c)
+    for section, said in conclusions:
+        for c in said:
+            print(c if section is main else f"[{section.names}] {c}")
     return 0
 
 
@@ -833,6 +890,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     rep.add_argument("--screen", type=Path, nargs="*", default=[],
                      help="study folders of a screen in a setting of its own (e.g. a shorter budget): reported as a "
                           "separate comparison against that setting's MDLM runs")
+    rep.add_argument("--also", type=Path, nargs="+", action="append", default=[], metavar="FOLDER",
+                     help="study folders of a comparison in another setting (e.g. an earlier budget), reported in a "
+                          "section of its own after the comparison; repeat for several settings")
     rep.add_argument("--pilot", type=Path, help="a study folder of pilot runs, reported in a section of their own")
     rep.add_argument("--doc", type=Path, default=REPO / "docs" / "results.md")
     rep.add_argument("--images", type=Path, help="where the PNG goes (default: docs/images beside --doc)")

@@ -136,14 +136,14 @@ def test_paired_ratio_interval_and_last_tenth_movement():
     assert study.last_tenth_movement(([100.0], [2.9])) is None
 
 
-def fake_run(study_dir: Path, arm: str, seed: int, schedule: str, bound: float) -> None:
+def fake_run(study_dir: Path, arm: str, seed: int, schedule: str, bound: float, warmup: int = 1) -> None:
     """A finished run folder as `run` leaves it (config, metrics, eval, study records), with made-up numbers."""
     folder = study_dir / "runs" / f"{arm}-s{seed}"
     folder.mkdir(parents=True)
     (folder / "config.yaml").write_text(
         "data: {tokenizer: bpe, tokenizer_vocab_size: 64, max_length: 8, batch_size: 2}\n"
         "model: {hidden_dim: 8, num_layers: 1}\n"
-        f"training: {{learning_rate: 0.001, lr_schedule: {schedule}, min_lr_ratio: 0.0, warmup_steps: 1, "
+        f"training: {{learning_rate: 0.001, lr_schedule: {schedule}, min_lr_ratio: 0.0, warmup_steps: {warmup}, "
         "ema_decay: 0.0, total_steps: 10}\n"
     )
     records = [{"event": "start", "step": 0, "tokens_per_step": 16}]
@@ -178,6 +178,34 @@ def test_report_never_pools_settings_and_reports_a_screen_on_its_own(tmp_path, c
     assert "| uniform_masking | 2 |" in screen and "-0.1000" in screen  # against the screen's own MDLM runs
     assert "no EMA" in text and "cosine to 0.0 x" in text
     assert (doc.parent / "images" / "results_screen_curves.png").is_file()
+
+
+def test_report_gives_another_setting_its_own_section_and_an_arms_own_change_is_not_a_setting(tmp_path, capsys):
+    main, earlier, plateau = tmp_path / "main", tmp_path / "earlier", tmp_path / "plateau"
+    for seed in (0, 1):
+        fake_run(main, "mdlm", seed, "cosine", 4.0 + seed / 10, warmup=10)
+        fake_run(main, "atat", seed, "cosine", 3.98 + seed / 10, warmup=10)
+        fake_run(earlier, "mdlm", seed, "cosine", 4.2 + seed / 10)
+        fake_run(earlier, "atat", seed, "cosine", 4.25 + seed / 10)
+        fake_run(plateau, "mdlm", seed, "cosine", 4.2 + seed / 10)
+        fake_run(plateau, "mdlm_warmup_long", seed, "cosine", 4.0 + seed / 10, warmup=1000)  # its treatment
+    doc = tmp_path / "docs" / "results.md"
+    args = ["report", "--out", str(main), "--also", str(earlier), "--also", str(plateau), "--doc", str(doc)]
+    assert study.main(args) == 0
+    text = doc.read_text()
+    head, rest = text.split("## Another setting: earlier")
+    earlier_part, plateau_part = rest.split("## Another setting: plateau")
+    assert "| atat | 2 |" in head and "-0.0200" in head and "after 10 warm-up steps" in head
+    assert "| atat | 2 |" in earlier_part and "+0.0500" in earlier_part and "after 1 warm-up steps" in earlier_part
+    assert "| mdlm_warmup_long | 2 |" in plateau_part and "-0.2000" in plateau_part.split("## Conclusion")[0]
+    assert f"--also {earlier} --also {plateau}" in text  # the command that regenerates the page
+    for name in ("results_curves.png", "results_earlier_curves.png", "results_plateau_curves.png"):
+        assert (doc.parent / "images" / name).is_file()
+    capsys.readouterr()
+
+    fake_run(earlier, "atat", 2, "cosine", 4.0, warmup=1000)  # atat's overrides do not touch the warm-up
+    assert study.main(args) == 2
+    assert "different settings" in capsys.readouterr().err
 
 
 @needs_shared
