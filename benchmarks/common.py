@@ -84,6 +84,47 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+PROFILE_TOP = 25
+
+
+def profile_calls(call, indices: range, device: torch.device) -> list[dict[str, Any]]:
+    """Run `call(i)` for each index under torch.profiler; the top kernels (ops on the CPU) by their own time.
+
+    Each row: name, calls per call of `call`, milliseconds per call, and the share of the summed own time of
+    everything profiled (on CUDA: of the GPU's busy time, so idle gaps between kernels are not in the denominator).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for i in indices:
+            call(i)
+        synchronize(device)
+
+    def own_us(event) -> float:
+        if cuda:
+            return getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0.0)
+        return event.self_cpu_time_total
+
+    events = [e for e in prof.key_averages() if own_us(e) > 0]
+    total = sum(own_us(e) for e in events)
+    n = len(indices)
+    rows = sorted(events, key=own_us, reverse=True)[:PROFILE_TOP]
+    return [
+        {"name": e.key, "calls_per_step": e.count / n, "ms_per_step": own_us(e) / n / 1e3, "share": own_us(e) / total}
+        for e in rows
+    ]
+
+
+def print_profile(rows: list[dict[str, Any]] | None, title: str) -> None:
+    if not rows:
+        return
+    print(f"\n{title}, top {len(rows)}:")
+    for r in rows:
+        print(f"  {r['ms_per_step']:8.3f} ms  {r['share'] * 100:5.1f}%  x{r['calls_per_step']:<6g} {r['name'][:110]}")
+
+
 REPO = Path(__file__).resolve().parents[1]
 
 

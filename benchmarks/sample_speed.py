@@ -46,8 +46,8 @@ from mdlm_atat.eval.likelihood import evaluate_bound
 from mdlm_atat.models.dit import DiT, count_parameters
 from mdlm_atat.runtime import autocast_for, precision_name, resolve_device
 from common import (  # noqa: E402 (benchmarks/ is on sys.path when run as a script)
-    H100_BF16_DENSE_FLOPS, fmt, model_config, move_zero_init_off_zero, print_table,
-    run_facts, sampling_flops, synchronize, write_json,
+    H100_BF16_DENSE_FLOPS, fmt, forward_flops_per_sequence, model_config, move_zero_init_off_zero, print_profile,
+    print_table, profile_calls, run_facts, sampling_flops, synchronize, write_json,
 )
 
 SAMPLERS = ("ancestral", "ancestral-cache", "confidence")
@@ -81,6 +81,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--peak-flops", type=float,
                    help=f"device peak FLOP/s for MFU and the floor; default {H100_BF16_DENSE_FLOPS:.0e} (H100 bf16) on "
                         "CUDA, none on CPU")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="after timing the evaluation, profile N more of its batches (torch.profiler): the top kernels")
     p.add_argument("--output", type=Path, help="write the results as JSON here")
     args = p.parse_args(argv)
     args.samplers = [s.strip() for s in args.samplers.split(",") if s.strip()]
@@ -148,21 +150,32 @@ def run_eval(model: DiT, args, device, autocast, mask_id: int) -> dict[str, Any]
                for _ in range(args.eval_batches)]
     # As `atat eval` scores (run.make_objective): the loss fused with the output layer, no (M, V) logits.
     objective = MaskedDiffusionObjective(LogLinearSchedule(1e-3), mask_id=mask_id, fused=True)
-    evaluate_bound(model, objective, batches[:1], num_t=args.num_t, device=device, autocast=autocast)  # warm-up
+
+    def score(selected: list[torch.Tensor]):
+        return evaluate_bound(model, objective, selected, num_t=args.num_t, device=device, autocast=autocast)
+
+    score(batches[:1])  # warm-up
     reset_memory(device)
     synchronize(device)
     clock = time.perf_counter()
-    result = evaluate_bound(model, objective, batches, num_t=args.num_t, device=device, autocast=autocast)
+    result = score(batches)
     synchronize(device)
     seconds = time.perf_counter() - clock
+    # The trunk's work only (the output layer's, on the masked rows, is left out): a lower bound on the MFU.
+    flops = forward_flops_per_sequence(model, args.seq_len) * result.num_sequences * args.num_t
+    peak = args.peak_flops or (H100_BF16_DENSE_FLOPS if device.type == "cuda" else None)
     return {
         "seconds": seconds,
         "num_tokens": result.num_tokens,
         "num_t": args.num_t,
         "tokens_per_s": result.num_tokens / seconds,
         "forward_tokens_per_s": result.num_tokens * args.num_t / seconds,
+        "trunk_flops": flops,
+        "trunk_mfu": flops / seconds / peak if peak else None,
         "peak_memory_gib": peak_gib(device),
         "nelbo": result.nelbo,
+        "profile": (profile_calls(lambda i: score([batches[i % len(batches)]]), range(args.profile), device)
+                    if args.profile else None),
     }
 
 
@@ -220,7 +233,9 @@ def main(argv: list[str] | None = None) -> int:
         evaluation = run_eval(model, args, device, autocast, mask_id)
         print(f"eval: {evaluation['tokens_per_s']:,.0f} tokens/s scored ({evaluation['forward_tokens_per_s']:,.0f} "
               f"forward tokens/s at num_t {args.num_t}), {evaluation['seconds']:.2f} s, "
-              f"peak {fmt(evaluation['peak_memory_gib'], '.2f')} GiB")
+              f"peak {fmt(evaluation['peak_memory_gib'], '.2f')} GiB, trunk MFU "
+              f"{fmt(evaluation['trunk_mfu'] and 100 * evaluation['trunk_mfu'], '.1f')}%")
+        print_profile(evaluation["profile"], f"[eval] top kernels by own time per batch of {args.eval_batch_size}")
 
     ok = all(r["mask_left"] == 0 for r in results)
     if args.output is not None:

@@ -66,7 +66,7 @@ from mdlm_atat.runtime import autocast_for, precision_name, resolve_device
 from mdlm_atat.train import distributed
 from common import (  # noqa: E402 (benchmarks/ is on sys.path when run as a script)
     H100_BF16_DENSE_FLOPS, fmt, matmul_parameters, model_config, move_zero_init_off_zero, print_table, run_config,
-    run_facts, synchronize, write_json,
+    print_profile, profile_calls, run_facts, synchronize, write_json,
 )
 
 VARIANTS = ("eager", "compiled", "atat", "atat-compiled")
@@ -318,7 +318,7 @@ def run_variant(
     }
     if args.profile:
         start = args.warmup + args.steps
-        result["profile"] = profile_steps(step, range(start, start + args.profile), device)
+        result["profile"] = profile_calls(step, range(start, start + args.profile), device)
     if args.max_batch and device.type == "cuda":
 
         def probe(batch_size: int) -> float | None:
@@ -376,48 +376,6 @@ def largest_batch(probe, start: int, limit: int, multiple: int = 8) -> dict[str,
         "limit": limit,
         "probes": [{"batch_size": b, "peak_memory_gib": m} for b, m in sorted(tried.items())],
     }
-
-
-PROFILE_TOP = 25
-
-
-def profile_steps(step, indices: range, device: torch.device) -> list[dict[str, Any]]:
-    """Run `step(i)` for each index under torch.profiler; the top kernels (ops on the CPU) by their own time.
-
-    Each row: name, calls per step, milliseconds per step, and the share of the summed own time of everything
-    profiled (on CUDA: of the GPU's busy time, so idle gaps between kernels are not in the denominator).
-    """
-    from torch.profiler import ProfilerActivity, profile
-
-    cuda = device.type == "cuda"
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities) as prof:
-        for i in indices:
-            step(i)
-        synchronize(device)
-
-    def own_us(event) -> float:
-        if cuda:
-            return getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0.0)
-        return event.self_cpu_time_total
-
-    events = [e for e in prof.key_averages() if own_us(e) > 0]
-    total = sum(own_us(e) for e in events)
-    n = len(indices)
-    rows = sorted(events, key=own_us, reverse=True)[:PROFILE_TOP]
-    return [
-        {"name": e.key, "calls_per_step": e.count / n, "ms_per_step": own_us(e) / n / 1e3, "share": own_us(e) / total}
-        for e in rows
-    ]
-
-
-def print_profile(result: dict[str, Any]) -> None:
-    rows = result.get("profile")
-    if not rows:
-        return
-    print(f"\n[{result['variant']}] top {len(rows)} by own time per step (median step {result['median_step_s'] * 1e3:.2f} ms):")
-    for r in rows:
-        print(f"  {r['ms_per_step']:8.3f} ms  {r['share'] * 100:5.1f}%  x{r['calls_per_step']:<6g} {r['name'][:110]}")
 
 
 def sdpa_backend(name: str):
@@ -507,7 +465,8 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda" and args.peak_flops is None and "H100" not in device_name and "H200" not in device_name:
         print(f"note: MFU uses the H100's bf16 peak {H100_BF16_DENSE_FLOPS:.3e}; pass --peak-flops for {device_name}")
     for r in results:
-        print_profile(r)
+        print_profile(r.get("profile"), f"[{r['variant']}] top kernels by own time per step (median step "
+                      f"{r['median_step_s'] * 1e3:.2f} ms)")
         if "largest_batch" in r:
             lb = r["largest_batch"]
             print(f"[{r['variant']}] largest batch that fits: {lb['largest']} x {args.seq_len} tokens "

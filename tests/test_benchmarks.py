@@ -10,6 +10,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
+import common  # noqa: E402
 import sample_speed  # noqa: E402
 import sampling_floor  # noqa: E402
 import train_step  # noqa: E402
@@ -41,7 +42,7 @@ def test_train_step_profile_lists_the_top_ops(tmp_path, capsys):
     assert train_step.main([*TINY, "--steps", "1", "--warmup", "1", "--variants", "eager", "--profile", "2",
                             "--output", str(out)]) == 0
     rows = json.loads(out.read_text())["results"][0]["profile"]
-    assert 0 < len(rows) <= train_step.PROFILE_TOP
+    assert 0 < len(rows) <= common.PROFILE_TOP
     assert all(r["ms_per_step"] > 0 for r in rows) and 0 < sum(r["share"] for r in rows) <= 1 + 1e-9
     assert [r["ms_per_step"] for r in rows] == sorted((r["ms_per_step"] for r in rows), reverse=True)
     assert "top" in capsys.readouterr().out
@@ -67,6 +68,19 @@ def test_sample_speed_cache_gives_the_same_tokens_on_cpu(tmp_path):
     rerun = {r["sampler"]: r for r in json.loads(out.read_text())["sampling"]}["ancestral"]
     assert rerun["seconds_at_peak"] == pytest.approx(rerun["forward_flops"] / 1e12)
     assert sampling_floor.main([str(out), "--peak-flops", "1e12"]) == 0
+
+
+def test_sample_speed_evaluation_reports_its_trunk_mfu_and_profile(tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    assert sample_speed.main([*TINY, "--steps", "2", "--samplers", "ancestral", "--eval-batches", "2", "--num-t", "3",
+                              "--peak-flops", "1e12", "--profile", "2", "--output", str(out)]) == 0
+    evaluation = json.loads(out.read_text())["eval"]
+    # 2 batches of 4 sequences, each through the trunk 3 times (num_t), at the per-sequence FLOPs above.
+    assert evaluation["trunk_flops"] == 2 * 4 * 3 * 32 * (2 * 2 * 12 * 32**2 + 4 * 2 * 32 * 32)
+    assert evaluation["trunk_mfu"] == pytest.approx(evaluation["trunk_flops"] / evaluation["seconds"] / 1e12)
+    rows = evaluation["profile"]
+    assert 0 < len(rows) <= common.PROFILE_TOP and all(r["ms_per_step"] > 0 for r in rows)
+    assert "[eval] top kernels" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("capacity", [5, 32, 40, 100, 129, 300, 1000])
