@@ -768,7 +768,9 @@ def sections(args: argparse.Namespace) -> tuple[str, list[Section]]:
 
 
 def report_command(args: argparse.Namespace) -> str:
-    folders = lambda option, outs: f" {option} " + " ".join(str(out) for out in outs)  # noqa: E731
+    def folders(option: str, outs: list[Path]) -> str:
+        return f" {option} " + " ".join(str(out) for out in outs)
+
     return ("python benchmarks/study.py report" + folders("--out", args.out)
             + "".join(folders("--also", group) for group in args.also)
             + (folders("--screen", args.screen) if args.screen else "")
