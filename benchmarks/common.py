@@ -19,6 +19,13 @@ from mdlm_atat.models.dit import DiT, DiTBlock, FinalLayer
 H100_BF16_DENSE_FLOPS = 989e12  # H100 SXM datasheet, bf16 tensor cores without sparsity (the H200's is the same)
 
 
+def peak_flops(args: argparse.Namespace, device: torch.device) -> float | None:
+    """The peak FLOP/s that MFU divides by: --peak-flops, else the H100/H200 bf16 datasheet figure on CUDA, else none."""
+    if args.peak_flops is not None:
+        return args.peak_flops
+    return H100_BF16_DENSE_FLOPS if device.type == "cuda" else None
+
+
 def matmul_parameters(model: DiT) -> int:
     """Weights each token is multiplied by: the blocks' qkv, attn_out and MLP weights, and the output layer's real
     rows (vocabulary padding is work done, not useful work: MFU leaves it out)."""

@@ -46,8 +46,8 @@ from mdlm_atat.eval.likelihood import evaluate_bound
 from mdlm_atat.models.dit import DiT, count_parameters
 from mdlm_atat.runtime import autocast_for, precision_name, resolve_device
 from common import (  # noqa: E402 (benchmarks/ is on sys.path when run as a script)
-    H100_BF16_DENSE_FLOPS, fmt, forward_flops_per_sequence, model_config, move_zero_init_off_zero, print_profile,
-    print_table, profile_calls, run_facts, sampling_flops, synchronize, write_json,
+    H100_BF16_DENSE_FLOPS, fmt, forward_flops_per_sequence, model_config, move_zero_init_off_zero, peak_flops,
+    print_profile, print_table, profile_calls, run_facts, sampling_flops, synchronize, write_json,
 )
 
 SAMPLERS = ("ancestral", "ancestral-cache", "confidence")
@@ -126,7 +126,7 @@ def run_sampler(sampler: str, model: DiT, args, device, autocast, mask_id: int, 
     # The trunk's work (what the cache saves is whole sequences of it) plus projecting each decoded token; the
     # floor is that work at the peak rate: how far any sampler of these network calls can go.
     flops = sampling_flops(model, out.num_sequence_evals, args.seq_len, args.batch_size * content)
-    peak = args.peak_flops or (H100_BF16_DENSE_FLOPS if device.type == "cuda" else None)
+    peak = peak_flops(args, device)
     result = {
         "sampler": sampler,
         "seconds": seconds,
@@ -163,7 +163,7 @@ def run_eval(model: DiT, args, device, autocast, mask_id: int) -> dict[str, Any]
     seconds = time.perf_counter() - clock
     # The trunk's work only (the output layer's, on the masked rows, is left out): a lower bound on the MFU.
     flops = forward_flops_per_sequence(model, args.seq_len) * result.num_sequences * args.num_t
-    peak = args.peak_flops or (H100_BF16_DENSE_FLOPS if device.type == "cuda" else None)
+    peak = peak_flops(args, device)
     return {
         "seconds": seconds,
         "num_tokens": result.num_tokens,

@@ -65,8 +65,8 @@ from mdlm_atat.run import Run, Vocab
 from mdlm_atat.runtime import autocast_for, precision_name, resolve_device
 from mdlm_atat.train import distributed
 from common import (  # noqa: E402 (benchmarks/ is on sys.path when run as a script)
-    H100_BF16_DENSE_FLOPS, fmt, matmul_parameters, model_config, move_zero_init_off_zero, print_table, run_config,
-    print_profile, profile_calls, run_facts, synchronize, write_json,
+    H100_BF16_DENSE_FLOPS, fmt, matmul_parameters, model_config, move_zero_init_off_zero, peak_flops, print_profile,
+    print_table, profile_calls, run_config, run_facts, synchronize, write_json,
 )
 
 VARIANTS = ("eager", "compiled", "atat", "atat-compiled")
@@ -207,12 +207,6 @@ def check_loss(model, objective, batch: Batch, autocast) -> float:
         loss = objective(model, batch.x0, t=batch.t, uniform_noise=batch.uniform_noise).loss
     model.train(was_training)
     return loss.item()
-
-
-def peak_flops(args: argparse.Namespace, device: torch.device) -> float | None:
-    if args.peak_flops is not None:
-        return args.peak_flops
-    return H100_BF16_DENSE_FLOPS if device.type == "cuda" else None
 
 
 class StepTimer:
