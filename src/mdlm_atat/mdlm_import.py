@@ -95,7 +95,7 @@ def read_lightning_checkpoint(path: Path, use_ema: bool = True) -> MdlmCheckpoin
         if not shadow:
             raise CheckpointError(f"{path}: no EMA (`ema.shadow_params`) in this checkpoint; pass --no-ema for the "
                                   "raw weights")
-        weights = _ema_weights(payload["state_dict"], shadow, weights, path)
+        weights = _ema_weights(shadow, weights, path)
         kind = "ema"
     config = _plain(payload.get("hyper_parameters", {})).get("config")
     config = config if isinstance(config, dict) else {}
@@ -109,8 +109,8 @@ def read_lightning_checkpoint(path: Path, use_ema: bool = True) -> MdlmCheckpoin
         "num_heads": model.get("n_heads"),
     }
     step = payload.get("global_step")
-    return MdlmCheckpoint({k: v.clone() for k, v in weights.items()}, head_dim, settings,
-                          step if isinstance(step, int) else None, kind)
+    # The tensors stay memory-mapped until the export copies them (export._plain): one copy, not two.
+    return MdlmCheckpoint(weights, head_dim, settings, step if isinstance(step, int) else None, kind)
 
 
 def _backbone(state: dict[str, torch.Tensor], source: Path) -> tuple[dict[str, torch.Tensor], int]:
@@ -123,11 +123,10 @@ def _backbone(state: dict[str, torch.Tensor], source: Path) -> tuple[dict[str, t
     return {k: v for k, v in inner.items() if k not in MDLM_BUFFERS}, head_dim
 
 
-def _ema_weights(
-    state: dict[str, torch.Tensor], shadow: list, raw: dict[str, torch.Tensor], source: Path
-) -> dict[str, torch.Tensor]:
-    """Name the EMA's shadow list: it follows the backbone's parameters, i.e. its state-dict keys less buffers."""
-    names = [k[len(PREFIX):] for k in state if k.startswith(PREFIX) and k[len(PREFIX):] in raw]
+def _ema_weights(shadow: list, raw: dict[str, torch.Tensor], source: Path) -> dict[str, torch.Tensor]:
+    """Name the EMA's shadow list: it follows the backbone's parameters, i.e. its state-dict keys less buffers,
+    the order `_backbone` keeps in `raw`."""
+    names = list(raw)
     shapes_match = len(shadow) == len(names) and all(
         isinstance(s, torch.Tensor) and s.shape == raw[n].shape for s, n in zip(shadow, names)
     )
