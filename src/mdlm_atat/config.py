@@ -451,9 +451,6 @@ def _require(ok: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
-MODEL_NAMES = choices(ModelName)
-
-
 def validate(cfg: Config) -> None:
     d, m, df, t, c = cfg.data, cfg.model, cfg.diffusion, cfg.training, cfg.curriculum
     _require(d.batch_size >= 1, "data.batch_size", f"must be >= 1, got {d.batch_size}")

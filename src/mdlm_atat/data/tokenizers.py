@@ -98,10 +98,6 @@ class Tokenizer:
         text.append(self._tk.decode(run, skip_special_tokens=skip_special_tokens))
         return "".join(text)
 
-    def id_to_token(self, token_id: int) -> str | None:
-        """The token string of an id in the backend's vocabulary (None for an appended MASK / PAD id)."""
-        return self._tk.id_to_token(token_id)
-
     def to_json(self) -> str:
         """The serialised backend plus our special ids: a checkpoint carries this, so eval needs no cache."""
         return json.dumps(
