@@ -22,6 +22,10 @@ from mdlm_atat.run import LoadedModel, load_for_inference, make_objective, resol
 
 
 
+# How the eval JSON names the masking schedule (config.ScheduleName).
+SCHEDULE_TEXT = {"loglinear": "log-linear", "cosine": "cosine"}
+
+
 def evaluate_checkpoint(
     checkpoint: str | Path,
     dataset: str | None = None,
@@ -161,6 +165,6 @@ def _evaluate_loaded(
             "exact NLL: autoregressive next-token loss, causal DiT; each block's first token (BOS) is context, "
             "the other L - 1 are counted"
             if loaded.is_ar
-            else "MDLM NELBO, uniform masking, log-linear schedule, continuous time"
+            else f"MDLM NELBO, uniform masking, {SCHEDULE_TEXT[cfg.diffusion.schedule]} schedule, continuous time"
         ),
     }
