@@ -554,10 +554,10 @@ def without_arm_overrides(run: Run, base: dict[str, Any]) -> dict[str, Any]:
 def one_setting(runs: list[Run], what: str) -> tuple[str, dict[str, Any]]:
     """The training setting every run of a comparison shares, apart from what each arm's overrides change; runs
     trained differently are never pooled."""
-    base = next((r for r in runs if r.arm == BASELINE), runs[0]).config[1]
+    base = next((r for r in runs if r.arm == BASELINE), runs[0])
     settings: dict[str, list[str]] = {}
     for r in runs:
-        cfg = without_arm_overrides(r, base)
+        cfg = without_arm_overrides(r, base.config[1])
         key = describe_setting(cfg) + f", {cfg.get('training', {}).get('total_steps')} steps"
         settings.setdefault(key, []).append(str(r.folder))
     if len(settings) > 1:
@@ -566,7 +566,7 @@ def one_setting(runs: list[Run], what: str) -> tuple[str, dict[str, Any]]:
         raise StudyError(f"{what}: runs of different settings would be pooled ({listed}); give each setting's "
                          "study folders to its own option (--out for the comparison, --screen for a screen, --also for "
                          "another setting)")
-    return next((r for r in runs if r.arm == BASELINE), runs[0]).config
+    return base.config
 
 
 def uses_ema(cfg: dict[str, Any]) -> bool:
