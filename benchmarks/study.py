@@ -740,29 +740,32 @@ class Section:
         return ", ".join(f.name for f in self.folders)
 
 
+def load_setting(folders: list[Path], option: str) -> tuple[list[Run], tuple[str, dict[str, Any]]]:
+    """Every finished run of `folders` and the one setting they share (`one_setting`; `option` names them)."""
+    runs = [run for out in folders for run in load_runs(out)]
+    return runs, one_setting(runs, option)
+
+
 def sections(args: argparse.Namespace) -> tuple[str, list[Section]]:
     """The comparison (--out), then each other setting (--also, in the order given), then the screen (--screen);
     each checked to hold one setting. Returns the comparison's config text too."""
-    runs = [run for out in args.out for run in load_runs(out)]
-    cfg_text, cfg = one_setting(runs, "--out")
+    runs, (cfg_text, cfg) = load_setting(args.out, "--out")
     found = [Section("The comparison", "", args.out, runs, cfg, "results_curves.png")]
     for group in args.also:
-        also = [run for out in group for run in load_runs(out)]
-        also_cfg = one_setting(also, "--also")[1]
-        names = "_".join(f.name for f in group)
+        runs, (_, cfg) = load_setting(group, "--also")
+        names = [f.name for f in group]
         found.append(Section(
-            f"Another setting: {', '.join(f.name for f in group)}",
-            f"Its own setting ({describe_setting(also_cfg)}), each arm against the MDLM runs of that setting; never "
+            f"Another setting: {', '.join(names)}",
+            f"Its own setting ({describe_setting(cfg)}), each arm against the MDLM runs of that setting; never "
             "pooled with the comparison above.",
-            group, also, also_cfg, f"results_{names}_curves.png",
+            group, runs, cfg, f"results_{'_'.join(names)}_curves.png",
         ))
     if args.screen:
-        screen = [run for out in args.screen for run in load_runs(out)]
-        screen_cfg = one_setting(screen, "--screen")[1]
+        runs, (_, cfg) = load_setting(args.screen, "--screen")
         found.append(Section(
             "The screen (ablations, a shorter setting named as a screen)",
-            f"Its own setting ({describe_setting(screen_cfg)}), each arm against the MDLM runs of that setting.",
-            args.screen, screen, screen_cfg, "results_screen_curves.png",
+            f"Its own setting ({describe_setting(cfg)}), each arm against the MDLM runs of that setting.",
+            args.screen, runs, cfg, "results_screen_curves.png",
         ))
     return cfg_text, found
 
