@@ -94,12 +94,9 @@ def synchronize(device: torch.device) -> None:
 PROFILE_TOP = 25
 
 
-def profile_calls(call, indices: range, device: torch.device) -> list[dict[str, Any]]:
-    """Run `call(i)` for each index under torch.profiler; the top kernels (ops on the CPU) by their own time.
-
-    Each row: name, calls per call of `call`, milliseconds per call, and the share of the summed own time of
-    everything profiled (on CUDA: of the GPU's busy time, so idle gaps between kernels are not in the denominator).
-    """
+def profile_calls(call, indices: range, device: torch.device) -> dict[str, Any]:
+    """Run `call(i)` for each index under torch.profiler: the time per call that the GPU (the CPU, without one)
+    spent busy, and the top kernels (ops on the CPU) by their own time; see `kernel_rows`."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
@@ -108,27 +105,44 @@ def profile_calls(call, indices: range, device: torch.device) -> list[dict[str, 
         for i in indices:
             call(i)
         synchronize(device)
+    return kernel_rows(prof.key_averages(), len(indices), cuda)
+
+
+def kernel_rows(events, calls: int, cuda: bool) -> dict[str, Any]:
+    """`busy_ms_per_step`: the summed own time per call of the GPU's kernels (memory copies and sets included),
+    or of the CPU's ops without a GPU; `top`: the largest of them, each with its name, count and milliseconds per
+    call and its share of that busy time. On the GPU only device-side events count: a CPU op's own device time
+    is its kernels' time again, and so is a named range's (the optimiser's step), so counting those too would
+    count kernels twice."""
+    from torch.autograd import DeviceType
 
     def own_us(event) -> float:
-        if cuda:
-            return getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0.0)
-        return event.self_cpu_time_total
+        return event.self_device_time_total if cuda else event.self_cpu_time_total
 
-    events = [e for e in prof.key_averages() if own_us(e) > 0]
+    wanted = DeviceType.CUDA if cuda else DeviceType.CPU
+    events = [e for e in events if e.device_type == wanted and own_us(e) > 0
+              and not getattr(e, "is_user_annotation", False)]  # a range around kernels counted already
     total = sum(own_us(e) for e in events)
-    n = len(indices)
-    rows = sorted(events, key=own_us, reverse=True)[:PROFILE_TOP]
-    return [
-        {"name": e.key, "calls_per_step": e.count / n, "ms_per_step": own_us(e) / n / 1e3, "share": own_us(e) / total}
-        for e in rows
-    ]
+    top = sorted(events, key=own_us, reverse=True)[:PROFILE_TOP]
+    return {
+        "busy_ms_per_step": total / calls / 1e3,
+        "top": [
+            {"name": e.key, "calls_per_step": e.count / calls, "ms_per_step": own_us(e) / calls / 1e3,
+             "share": own_us(e) / total}
+            for e in top
+        ],
+    }
 
 
-def print_profile(rows: list[dict[str, Any]] | None, title: str) -> None:
-    if not rows:
+def print_profile(profile: dict[str, Any] | None, title: str, step_ms: float | None = None) -> None:
+    """The busy time per call (against the call's wall time `step_ms` where given) and the top rows."""
+    if not profile:
         return
-    print(f"\n{title}, top {len(rows)}:")
-    for r in rows:
+    busy = f"busy {profile['busy_ms_per_step']:.2f} ms per call"
+    if step_ms:
+        busy += f" of {step_ms:.2f} ms ({profile['busy_ms_per_step'] / step_ms:.0%})"
+    print(f"\n{title}: {busy}; top {len(profile['top'])}:")
+    for r in profile["top"]:
         print(f"  {r['ms_per_step']:8.3f} ms  {r['share'] * 100:5.1f}%  x{r['calls_per_step']:<6g} {r['name'][:110]}")
 
 

@@ -47,6 +47,7 @@ import argparse
 import contextlib
 import dataclasses
 import gc
+import os
 import platform
 import statistics
 import sys
@@ -147,8 +148,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="CUDA only: after timing, find each variant's largest batch (sequences of --seq-len) whose training "
         "step fits in memory, doubling from --batch-size up to LIMIT, then bisecting to a multiple of 8",
     )
+    p.add_argument(
+        "--start-with",
+        type=int,
+        default=1,
+        metavar="N",
+        help="jobs sharing the device: after its warm-up each waits for N jobs in --barrier-dir before timing, so "
+        "their timed windows overlap (benchmarks/shared_gpu.py combines them)",
+    )
+    p.add_argument("--barrier-dir", type=Path, help="the folder the --start-with jobs meet in (one file each)")
     p.add_argument("--output", type=Path, help="write the results as JSON here")
     args = p.parse_args(argv)
+    if args.start_with > 1 and args.barrier_dir is None:
+        p.error("--start-with: needs --barrier-dir, the folder the jobs meet in")
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     for v in args.variants:
         if v not in VARIANTS:
@@ -241,6 +253,18 @@ class StepTimer:
         return [end - begin for begin, end in self.marks]
 
 
+def wait_for_jobs(folder: Path, jobs: int, name: str, timeout_s: float = 600.0) -> None:
+    """Leave a file named `name` in `folder`, then wait until `jobs` files are there (each job's)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).touch()
+    deadline = time.monotonic() + timeout_s
+    while sum(1 for _ in folder.iterdir()) < jobs:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"--start-with {jobs}: only {sum(1 for _ in folder.iterdir())} jobs reached "
+                             f"{folder} within {timeout_s:.0f} s; start the others with the same --barrier-dir")
+        time.sleep(0.05)
+
+
 def run_variant(
     variant: str,
     reference: DiT,
@@ -278,13 +302,17 @@ def run_variant(
             synchronize(device)
             first_step_s = time.perf_counter() - clock  # includes compiling the training graphs
     synchronize(device)
+    if args.start_with > 1:
+        wait_for_jobs(args.barrier_dir / variant, args.start_with, str(os.getpid()))
 
     timer = StepTimer(device)
+    timed_from = time.time()
     for i in range(args.warmup, args.warmup + args.steps):
         timer.start()
         step(i)
         timer.stop()
     step_s = timer.seconds()
+    timed_window = [timed_from, time.time()]  # wall clock (Unix s): whether jobs sharing the device overlapped
     losses_cpu = torch.stack(losses).float().cpu()
 
     median_s = statistics.median(step_s)
@@ -298,6 +326,7 @@ def run_variant(
         "min_step_s": min(step_s),
         "max_step_s": max(step_s),
         "step_s": step_s,
+        "timed_window": timed_window,
         "tokens_per_s": tokens_per_s,
         "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         "num_parameters": count_parameters(module),
@@ -459,8 +488,8 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda" and args.peak_flops is None and "H100" not in device_name and "H200" not in device_name:
         print(f"note: MFU uses the H100's bf16 peak {H100_BF16_DENSE_FLOPS:.3e}; pass --peak-flops for {device_name}")
     for r in results:
-        print_profile(r.get("profile"), f"[{r['variant']}] top kernels by own time per step (median step "
-                      f"{r['median_step_s'] * 1e3:.2f} ms)")
+        print_profile(r.get("profile"), f"[{r['variant']}] kernels per step against the median step",
+                      r["median_step_s"] * 1e3)
         if "largest_batch" in r:
             lb = r["largest_batch"]
             print(f"[{r['variant']}] largest batch that fits: {lb['largest']} x {args.seq_len} tokens "

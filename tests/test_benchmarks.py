@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -41,11 +42,33 @@ def test_train_step_profile_lists_the_top_ops(tmp_path, capsys):
     out = tmp_path / "profile.json"
     assert train_step.main([*TINY, "--steps", "1", "--warmup", "1", "--variants", "eager", "--profile", "2",
                             "--output", str(out)]) == 0
-    rows = json.loads(out.read_text())["results"][0]["profile"]
+    profile = json.loads(out.read_text())["results"][0]["profile"]
+    rows = profile["top"]
     assert 0 < len(rows) <= common.PROFILE_TOP
     assert all(r["ms_per_step"] > 0 for r in rows) and 0 < sum(r["share"] for r in rows) <= 1 + 1e-9
+    assert sum(r["ms_per_step"] for r in rows) <= profile["busy_ms_per_step"] * (1 + 1e-9)
     assert [r["ms_per_step"] for r in rows] == sorted((r["ms_per_step"] for r in rows), reverse=True)
     assert "top" in capsys.readouterr().out
+
+
+def test_profile_counts_each_gpu_kernel_once():
+    """On the GPU a CPU op's own device time, and a named range's, is its kernels' time again: only kernels count."""
+    from torch.autograd import DeviceType
+
+    def event(key, device_type, device_us, cpu_us=5.0, count=2, annotation=False):
+        return SimpleNamespace(key=key, device_type=device_type, count=count, self_device_time_total=device_us,
+                               self_cpu_time_total=cpu_us, is_user_annotation=annotation)
+
+    events = [event("aten::mm", DeviceType.CPU, 600.0), event("gemm_kernel", DeviceType.CUDA, 600.0),
+              event("triton_fused", DeviceType.CPU, 300.0), event("triton_fused", DeviceType.CUDA, 300.0),
+              event("Memset", DeviceType.CUDA, 100.0), event("aten::empty", DeviceType.CPU, 0.0),
+              event("Optimizer.step#AdamW.step", DeviceType.CUDA, 300.0, annotation=True)]
+    gpu = common.kernel_rows(events, calls=2, cuda=True)
+    assert [r["name"] for r in gpu["top"]] == ["gemm_kernel", "triton_fused", "Memset"]
+    assert gpu["busy_ms_per_step"] == pytest.approx(0.5)  # (600 + 300 + 100) us over 2 calls
+    assert [r["share"] for r in gpu["top"]] == pytest.approx([0.6, 0.3, 0.1])
+    cpu = common.kernel_rows(events[:1] + events[2:3], calls=1, cuda=False)  # without a GPU: the ops' CPU time
+    assert cpu["busy_ms_per_step"] == pytest.approx(0.01) and len(cpu["top"]) == 2
 
 
 def test_sample_speed_cache_gives_the_same_tokens_on_cpu(tmp_path):
@@ -78,9 +101,9 @@ def test_sample_speed_evaluation_reports_its_trunk_mfu_and_profile(tmp_path, cap
     # 2 batches of 4 sequences, each through the trunk 3 times (num_t), at the per-sequence FLOPs above.
     assert evaluation["trunk_flops"] == 2 * 4 * 3 * 32 * (2 * 2 * 12 * 32**2 + 4 * 2 * 32 * 32)
     assert evaluation["trunk_mfu"] == pytest.approx(evaluation["trunk_flops"] / evaluation["seconds"] / 1e12)
-    rows = evaluation["profile"]
+    rows = evaluation["profile"]["top"]
     assert 0 < len(rows) <= common.PROFILE_TOP and all(r["ms_per_step"] > 0 for r in rows)
-    assert "[eval] top kernels" in capsys.readouterr().out
+    assert "[eval] kernels per batch" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("capacity", [5, 32, 40, 100, 129, 300, 1000])
@@ -123,6 +146,32 @@ def test_perf_suite_smoke_runs_every_step(tmp_path):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     written = {p.name for p in tmp_path.glob("*.json")}
     assert written == {"train_step_small_pad1.json", "train_step_small_pad64.json", "train_step_tiny.json",
-                       "train_step_tiny_shared_a.json", "train_step_tiny_shared_b.json", "sample_speed_small.json"}
+                       "train_step_tiny_shared_a.json", "train_step_tiny_shared_b.json", "tiny_shared_combined.json",
+                       "sample_speed_small.json"}
+    combined = json.loads((tmp_path / "tiny_shared_combined.json").read_text())
+    assert len(combined["jobs"]) == 2 and combined["combined_tokens_per_s"] > 0
     pads = [json.loads((tmp_path / f"train_step_small_pad{p}.json").read_text())["results"][0] for p in (1, 64)]
     assert pads[0]["loss_first_batch"] == pytest.approx(pads[1]["loss_first_batch"], rel=1e-5)  # same function
+
+
+def test_shared_gpu_combines_overlapping_jobs_and_refuses_disjoint_ones(tmp_path):
+    import shared_gpu
+
+    def report(start, end, steps=10, tokens=1000):
+        return {"tokens_per_step": tokens, "results": [{"variant": "compiled", "timed_window": [start, end],
+                                                        "step_s": [0.1] * steps, "tokens_per_s": 5e3}]}
+
+    both = shared_gpu.combine([report(0.0, 2.0), report(0.0, 2.5)], min_overlap=0.75)
+    assert both["ok"] and both["combined_tokens_per_s"] == pytest.approx(20_000 / 2.5)  # all tokens, first to last
+    assert [j["overlapped"] for j in both["jobs"]] == pytest.approx([1.0, 0.8])  # 2.0 s of the second's 2.5 s
+    assert not shared_gpu.combine([report(0.0, 2.0), report(0.0, 2.5)], min_overlap=0.9)["ok"]
+    apart = shared_gpu.combine([report(0.0, 1.0), report(1.5, 2.5)], min_overlap=0.9)
+    assert not apart["ok"] and [j["overlapped"] for j in apart["jobs"]] == [0.0, 0.0]
+    paths = []
+    for name, r in (("a", report(0.0, 1.0)), ("b", report(0.05, 1.05))):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(r))
+    out = tmp_path / "combined.json"
+    assert shared_gpu.main([*map(str, paths), "--output", str(out)]) == 0
+    assert json.loads(out.read_text())["combined_tokens_per_s"] == pytest.approx(20_000 / 1.05)
+    assert shared_gpu.main([str(paths[0]), str(tmp_path / "b.json"), "--min-overlap", "0.99"]) == 1
