@@ -610,6 +610,7 @@ def comparison(
                     f"reached in {len(reached)} of {len(fractions[arm])}" + (f"; {fmt_ci(reached, 3)}" if reached else ""))
             lines.append(f"| {arm} | {len(ratios[arm])} | {fmt_ci(ratios[arm])} | {fmt_ci(diffs[arm], sign='+')} | {frac} |")
         lines += [""]
+        lines += per_corpus_differences(arms, base, level)
     lines += [
         f"{level} Final bound (nats per token; lower is better)",
         "",
@@ -683,6 +684,28 @@ def comparison(
             lines.append(f"| {arm} | {fmt_mean_sd(est)} | {fmt_mean_sd(uni)} |")
         lines += [""]
     return lines, conclusions
+
+
+def per_corpus_differences(arms: dict[str, list[Run]], base: list[Run], level: str) -> list[str]:
+    """Each arm's paired difference from MDLM on every corpus it was scored on: mean and standard error."""
+    corpora = [*PROSE, *ZERO_SHOT]
+    lines = [
+        f"{level} Paired differences per corpus (nats per token, arm - MDLM at the same seed, ± standard error)",
+        "",
+        "| arm | seeds | " + " | ".join(c + (" (zero-shot)" if c in ZERO_SHOT else "") for c in corpora) + " |",
+        "| --- | ---: | " + " | ".join("---:" for _ in corpora) + " |",
+    ]
+    for arm, rs in arms.items():
+        diffs = [paired(rs, base, lambda r, b, c=c: r.nelbo(c) - b.nelbo(c)) for c in corpora]
+        if arm == BASELINE or not diffs[0]:
+            continue
+        cells = []
+        for values in diffs:
+            mean, se, _ = mean_ci(values)
+            cells.append(f"{mean:+.4f}" + ("" if se is None else f" ± {se:.4f}"))
+        label = f"{arm} (exact NLL)" if arm in SCORED_AT_BEST else arm
+        lines.append(f"| {label} | {len(diffs[0])} | " + " | ".join(cells) + " |")
+    return [*lines, ""] if len(lines) > 4 else []
 
 
 def plateau_sentence(arms: dict[str, list[Run]], base: list[Run]) -> str | None:

@@ -126,6 +126,23 @@ def test_report_without_runs_says_to_run_first(tmp_path, capsys):
     assert "run the study first" in capsys.readouterr().err
 
 
+def test_per_corpus_differences_pair_by_seed_on_every_corpus():
+    def run(arm, seed, sotu, rest):
+        evals = {c: {"nelbo": sotu if c == "sotu" else rest, "num_tokens": 1} for c in (*study.PROSE, *study.ZERO_SHOT)}
+        return study.Run(arm, seed, Path("."), {}, evals, ([], []))
+
+    base = [run("mdlm", 0, 3.0, 4.0), run("mdlm", 1, 3.2, 4.0)]
+    arms = {"mdlm": base, "atat": [run("atat", 0, 2.9, 4.1), run("atat", 1, 3.0, 4.1), run("atat", 7, 0.0, 0.0)],
+            "focus": [run("focus", 5, 1.0, 1.0)]}  # shares no seed with MDLM: no row
+    lines = study.per_corpus_differences(arms, base, "###")
+    rows = [line for line in lines if line.startswith("| atat")]
+    # sotu: -0.1 and -0.2 (seed 7 has no MDLM pair) -> -0.15 +- 0.05; every other corpus +0.1 +- 0.
+    assert rows == ["| atat | 2 | -0.1500 ± 0.0500 | +0.1000 ± 0.0000 | +0.1000 ± 0.0000 | +0.1000 ± 0.0000 "
+                    "| +0.1000 ± 0.0000 |"]
+    assert not any(line.startswith(("| mdlm", "| focus")) for line in lines)
+    assert study.per_corpus_differences({"mdlm": base}, base, "###") == []
+
+
 def test_paired_ratio_interval_and_last_tenth_movement():
     mean, se, half = study.mean_ci([1.0, 1.02, 0.98, 1.0])
     assert mean == pytest.approx(1.0) and se == pytest.approx(math.sqrt(0.0008 / 3) / 2)
