@@ -35,14 +35,14 @@ import torch
 from mdlm_atat import __version__
 from mdlm_atat.config import Config, ConfigError
 from mdlm_atat.data.tokenizers import Tokenizer
-from mdlm_atat.hf.folder import AUTO_MAP, atat_backend, copy_remote_code, tokenizer_files
+from mdlm_atat.diffusion.schedule import SCHEDULES
+from mdlm_atat.hf.folder import AUTO_MAP, copy_remote_code, tokenizer_files
 from mdlm_atat.models.dit import strip_vocab_padding
 from mdlm_atat.run import read_checkpoint, safetensors
 from mdlm_atat.train.checkpoint import CheckpointError, is_export_dir, resolve_checkpoint
 
 FORMAT_VERSION = 1
 WEIGHTS = {"ema": "EMA (as evaluation and sampling use)", "raw": "raw (not the EMA)"}  # how the card says them
-ALPHA = {"loglinear": "(1 - {eps}) t", "cosine": "(1 - {eps}) (1 - cos(pi t / 2))"}  # diffusion/schedule.py
 
 
 def export_checkpoint(
@@ -329,6 +329,7 @@ def transformers_usage(cfg: Config, tokenizer: Tokenizer, name: str) -> list[str
             "logits[..., tokenizer.mask_token_id] = -torch.inf  # SUBS: MASK is never predicted",
             "print(tokenizer.decode(logits[0, 4:6].argmax(-1)))",
         ]
+        alpha = SCHEDULES[cfg.diffusion.schedule].alpha_formula.format(eps=cfg.diffusion.eps)
         meaning = (
             "Under MDLM's SUBS parameterisation p(x0 | x_t) at a masked position is the softmax of these logits "
             "without MASK, and a position that is not masked keeps its token; `atat sample` implements the "
@@ -336,7 +337,7 @@ def transformers_usage(cfg: Config, tokenizer: Tokenizer, name: str) -> list[str
             + ("The model is not time-conditioned (MDLM's default): it needs no noise level."
                if not cfg.model.time_conditioning else
                f"The model is time-conditioned: pass `noise_level` (B,) = -log(1 - alpha(t)), with alpha(t) = "
-               f"{ALPHA[cfg.diffusion.schedule].format(eps=cfg.diffusion.eps)} the masking rate of x_t "
+               f"{alpha} the masking rate of x_t "
                f"({cfg.diffusion.schedule} schedule).")
         )
     pad = ("PAD is EOS (the model was trained on packed blocks, without padding)" if tokenizer.pad_id is None

@@ -21,7 +21,9 @@ import torch
 class MaskingSchedule:
     """alpha(t) and what follows from it. Subclasses define `mask_prob` and `mask_prob_derivative`."""
 
-    name: str
+    name: str  # as `diffusion.schedule` names it
+    title: str  # as prose names it (atat eval's JSON)
+    alpha_formula: str  # alpha(t) as the model card writes it, with {eps}
 
     def __init__(self, eps: float = 1e-3):
         self.eps = eps
@@ -79,6 +81,8 @@ class LogLinearSchedule(MaskingSchedule):
     the NELBO weight alpha'/alpha = 1 / t exactly."""
 
     name = "loglinear"
+    title = "log-linear"
+    alpha_formula = "(1 - {eps}) t"
 
     def mask_prob(self, t: torch.Tensor) -> torch.Tensor:
         return (1.0 - self.eps) * t
@@ -96,6 +100,8 @@ class CosineSchedule(MaskingSchedule):
     near 0."""
 
     name = "cosine"
+    title = "cosine"
+    alpha_formula = "(1 - {eps}) (1 - cos(pi t / 2))"
 
     def mask_prob(self, t: torch.Tensor) -> torch.Tensor:
         return (1.0 - self.eps) * (1.0 - torch.cos(0.5 * math.pi * t))

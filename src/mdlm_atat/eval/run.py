@@ -15,6 +15,7 @@ from mdlm_atat.config import ConfigError
 from mdlm_atat.data.loader import eval_batches
 from mdlm_atat.data.sources import DataError, with_split_fix
 from mdlm_atat.data.store import prepare_split
+from mdlm_atat.diffusion.schedule import SCHEDULES
 from mdlm_atat.eval.likelihood import evaluate_bound
 from mdlm_atat.progress import progress_bar
 from mdlm_atat.runtime import autocast_for, precision_name, resolve_device
@@ -23,9 +24,6 @@ from mdlm_atat.run import LoadedModel, load_for_inference, make_objective, resol
 
 
 # How the eval JSON names the masking schedule (config.ScheduleName).
-SCHEDULE_TEXT = {"loglinear": "log-linear", "cosine": "cosine"}
-
-
 def evaluate_checkpoint(
     checkpoint: str | Path,
     dataset: str | None = None,
@@ -165,6 +163,6 @@ def _evaluate_loaded(
             "exact NLL: autoregressive next-token loss, causal DiT; each block's first token (BOS) is context, "
             "the other L - 1 are counted"
             if loaded.is_ar
-            else f"MDLM NELBO, uniform masking, {SCHEDULE_TEXT[cfg.diffusion.schedule]} schedule, continuous time"
+            else f"MDLM NELBO, uniform masking, {SCHEDULES[cfg.diffusion.schedule].title} schedule, continuous time"
         ),
     }
