@@ -24,6 +24,7 @@ CPU smoke test (a minute; what tests/test_study.py runs):
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import functools
 import json
@@ -338,6 +339,11 @@ class Run:
     def tokens(self) -> int:
         return self.evals[PROSE[0]]["tokens_seen"]
 
+    @functools.cached_property
+    def plateau_exit(self) -> float | None:
+        """Training tokens at which the trainer-side bound first fell below PLATEAU_EXIT (None: never)."""
+        return crossing(self.curve, PLATEAU_EXIT)
+
 
 def load_runs(out: Path) -> list[Run]:
     sys.path.insert(0, str(REPO / "src"))
@@ -397,7 +403,7 @@ def by_arm(runs: list[Run]) -> dict[str, list[Run]]:
     return arms
 
 
-def plot_curves(arms: dict[str, list[Run]], path: Path, weights: str = "EMA weights") -> None:
+def plot_curves(arms: dict[str, list[Run]], path: Path, weights: str) -> None:
     """Every run's validation curve, one colour per arm and one line style per seed; the legend names the arms
     (and the seeds while few runs are drawn), outside the axes so that many arms do not cover the curves."""
     from matplotlib import colormaps
@@ -499,7 +505,7 @@ def describe_setting(cfg: dict[str, Any]) -> str:
         schedule = f"cosine to {t.get('min_lr_ratio')} x after {t.get('warmup_steps')} warm-up steps"
     return (f"DiT {m.get('hidden_dim')} wide x {m.get('num_layers')} blocks, {tokenizer}, {d.get('max_length')}-token "
             f"packed blocks, batch {d.get('batch_size')}, lr {t.get('learning_rate')} ({schedule}), "
-            + (f"EMA {t.get('ema_decay')}" if float(t.get("ema_decay") or 0) > 0 else "no EMA"))
+            + (f"EMA {t.get('ema_decay')}" if uses_ema(cfg) else "no EMA"))
 
 
 def fmt_ci(values: list[float], digits: int = 4, sign: str = "") -> str:
@@ -538,13 +544,11 @@ def pilot_lines(pilot: Path) -> list[str]:
 def without_arm_overrides(run: Run, base: dict[str, Any]) -> dict[str, Any]:
     """The run's config with every key its arm overrides put back to the baseline's value (or dropped): what an
     arm changes on purpose (mdlm_warmup_long's warm-up) is its treatment, not a different setting."""
-    cfg = json.loads(json.dumps(run.config[1]))
+    cfg = copy.deepcopy(run.config[1])
     for override in ARMS[run.arm]:
-        *parents, name = override.split("=", 1)[0].split(".")
-        mine, theirs = cfg, base
-        for part in parents:
-            mine, theirs = mine.get(part, {}), (theirs or {}).get(part, {})
-        if name in (theirs or {}):
+        section, name = override.split("=", 1)[0].split(".")  # an override is section.key=value
+        mine, theirs = cfg.get(section) or {}, base.get(section) or {}
+        if name in theirs:
             mine[name] = theirs[name]
         else:
             mine.pop(name, None)
@@ -622,7 +626,7 @@ def comparison(
         pooled = [r.prose_nelbo for r in rs]
         ppl = fmt_mean_sd([math.exp(v) for v in pooled], 1)
         overrides = " ".join(f"`{o}`" for o in ARMS[arm]) or "(the config's)"
-        label = f"{arm} (exact NLL)" if arm in SCORED_AT_BEST else arm
+        label = arm_label(arm)
         lines.append(
             f"| {label} | {overrides} | {len(rs)} | " + " | ".join(cells)
             + f" | **{fmt_mean_sd(pooled, 4)}** | {ppl} | {fmt_mean_sd([r.nelbo('python_docs') for r in rs])} |"
@@ -643,7 +647,7 @@ def comparison(
             moved = last_tenth_movement(r.curve)
             if arm not in SCORED_AT_BEST and moved is not None:
                 movements.append(moved)
-            exit_tokens = crossing(r.curve, PLATEAU_EXIT)
+            exit_tokens = r.plateau_exit
             lines.append(
                 f"| {r.folder.name} | {r.prose_nelbo:.4f} | {stderr:.4f} | {r.nelbo('python_docs'):.4f} | "
                 f"`{r.evals[PROSE[0]]['config_hash']}` | {r.evals[PROSE[0]]['step']} | {r.tokens:,} | "
@@ -695,17 +699,24 @@ def per_corpus_differences(arms: dict[str, list[Run]], base: list[Run], level: s
         "| arm | seeds | " + " | ".join(c + (" (zero-shot)" if c in ZERO_SHOT else "") for c in corpora) + " |",
         "| --- | ---: | " + " | ".join("---:" for _ in corpora) + " |",
     ]
+    rows = []
     for arm, rs in arms.items():
+        if arm == BASELINE:
+            continue
         diffs = [paired(rs, base, lambda r, b, c=c: r.nelbo(c) - b.nelbo(c)) for c in corpora]
-        if arm == BASELINE or not diffs[0]:
+        if not diffs[0]:
             continue
         cells = []
         for values in diffs:
             mean, se, _ = mean_ci(values)
             cells.append(f"{mean:+.4f}" + ("" if se is None else f" ± {se:.4f}"))
-        label = f"{arm} (exact NLL)" if arm in SCORED_AT_BEST else arm
-        lines.append(f"| {label} | {len(diffs[0])} | " + " | ".join(cells) + " |")
-    return [*lines, ""] if len(lines) > 4 else []
+        rows.append(f"| {arm_label(arm)} | {len(diffs[0])} | " + " | ".join(cells) + " |")
+    return [*lines, *rows, ""] if rows else []
+
+
+def arm_label(arm: str) -> str:
+    """An arm as the tables name it: one scored by its exact NLL says so."""
+    return f"{arm} (exact NLL)" if arm in SCORED_AT_BEST else arm
 
 
 def plateau_sentence(arms: dict[str, list[Run]], base: list[Run]) -> str | None:
@@ -716,7 +727,7 @@ def plateau_sentence(arms: dict[str, list[Run]], base: list[Run]) -> str | None:
         if arm == BASELINE or arm in SCORED_AT_BEST or not base:
             continue
         for r, b in paired(rs, base, lambda r, b: (r, b)):
-            x, y = crossing(r.curve, PLATEAU_EXIT), crossing(b.curve, PLATEAU_EXIT)
+            x, y = r.plateau_exit, b.plateau_exit
             if x is not None and y is not None:
                 exits.append((x - y) / 1e6)
                 bounds.append(r.prose_nelbo - b.prose_nelbo)
@@ -762,6 +773,11 @@ class Section:
     def names(self) -> str:
         return ", ".join(f.name for f in self.folders)
 
+    @property
+    def short_title(self) -> str:
+        """The title without its parenthesis: how the setup and the conclusion name the section."""
+        return self.title.split(" (")[0]
+
 
 def load_setting(folders: list[Path], option: str) -> tuple[list[Run], tuple[str, dict[str, Any]]]:
     """Every finished run of `folders` and the one setting they share (`one_setting`; `option` names them)."""
@@ -774,22 +790,15 @@ def sections(args: argparse.Namespace) -> tuple[str, list[Section]]:
     each checked to hold one setting. Returns the comparison's config text too."""
     runs, (cfg_text, cfg) = load_setting(args.out, "--out")
     found = [Section("The comparison", "", args.out, runs, cfg, "results_curves.png")]
-    for group in args.also:
-        runs, (_, cfg) = load_setting(group, "--also")
-        names = [f.name for f in group]
-        found.append(Section(
-            f"Another setting: {', '.join(names)}",
-            f"Its own setting ({describe_setting(cfg)}), each arm against the MDLM runs of that setting; never "
-            "pooled with the comparison above.",
-            group, runs, cfg, f"results_{'_'.join(names)}_curves.png",
-        ))
+    groups = [(group, "--also", f"Another setting: {', '.join(f.name for f in group)}",
+               "; never pooled with the comparison above.", "_".join(f.name for f in group)) for group in args.also]
     if args.screen:
-        runs, (_, cfg) = load_setting(args.screen, "--screen")
-        found.append(Section(
-            "The screen (ablations, a shorter setting named as a screen)",
-            f"Its own setting ({describe_setting(cfg)}), each arm against the MDLM runs of that setting.",
-            args.screen, runs, cfg, "results_screen_curves.png",
-        ))
+        groups.append((args.screen, "--screen", "The screen (ablations, a shorter setting named as a screen)", ".",
+                       "screen"))
+    for group, option, title, tail, stem in groups:
+        runs, (_, cfg) = load_setting(group, option)
+        intro = f"Its own setting ({describe_setting(cfg)}), each arm against the MDLM runs of that setting{tail}"
+        found.append(Section(title, intro, group, runs, cfg, f"results_{stem}_curves.png"))
     return cfg_text, found
 
 
@@ -807,7 +816,7 @@ def report_command(args: argparse.Namespace) -> str:
 
 def cmd_report(args: argparse.Namespace) -> int:
     cfg_text, found = sections(args)
-    main, others = found[0], found[1:]
+    main = found[0]
     doc: Path = args.doc
     folders = [folder for section in found for folder in section.folders]
     invocations = []
@@ -825,8 +834,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         "",
         "## Setup",
         "",
-        *setup_lines(main.runs, main.cfg, "The comparison"),
-        *[line for s in others for line in setup_lines(s.runs, s.cfg, s.title.split(" (")[0])],
+        *[line for s in found for line in setup_lines(s.runs, s.cfg, s.short_title)],
         "- Both: the training splits of sotu, brown, austen and kjv (../shared/corpora); the same initial weights "
         "and data order for every arm at one seed. Scored: MDLM's uniform-masking NELBO bound (nats per token, an "
         f"upper bound on the NLL), {diffusion_run(main.runs).evals[PROSE[0]]['num_t']} stratified t per sequence, "
@@ -851,7 +859,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     lines += [f"- {c}." for c in conclusions[0][1]] or ["- No MDLM baseline among the runs: nothing to compare."]
     for section, said in conclusions[1:]:
         if said:
-            lines += ["", f"{section.title.split(' (')[0]}:", ""] + [f"- {c}." for c in said]
+            lines += ["", f"{section.short_title}:", ""] + [f"- {c}." for c in said]
     lines += [
         "",
         "These are small models trained for minutes on 4.8M tokens of prose; what holds here need not hold at "
