@@ -171,10 +171,9 @@ def run_job(job: Job, device: str, args: argparse.Namespace, common: list[str], 
         return False
     # Training time over every invocation that trained this run (a run may span several calls: --resume-later).
     spent = run_dir / "train_seconds.json"
-    before = json.loads(spent.read_text())["seconds"] if spent.is_file() else 0.0
-    train_s += before
+    train_s += json.loads(spent.read_text())["seconds"] if spent.is_file() else 0.0
+    spent.write_text(json.dumps({"seconds": train_s}) + "\n")  # also when scoring fails next: a retry adds to it
     if stopped and args.resume_later:
-        spent.write_text(json.dumps({"seconds": train_s}) + "\n")
         print(f"[{job.name}] stopped by --train-seconds after {train_s:.0f} s of training in all; not scored: the "
               "same command resumes it from its checkpoint", flush=True)
         return True

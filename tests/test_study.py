@@ -6,6 +6,7 @@ import json
 import math
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -254,6 +255,27 @@ def test_a_job_stopped_by_the_time_limit_is_resumed_later_not_scored(tmp_path, m
              if json.loads(line)["event"] == "train"]
     assert steps == sorted(steps) and steps[-1] == 4 and 3 in steps  # one continuous run, no restart from 0
     assert json.loads((run / "study.json").read_text())["train_seconds"] > first
+
+
+def test_training_seconds_survive_a_failed_scoring(tmp_path, monkeypatch):
+    """Each training call's seconds are kept at once: a retry after a failed evaluation adds to them."""
+    scoring_fails = [True]
+
+    def fake_run_logged(cmd, log, env, seconds=None):  # training takes 10 s; the first scoring fails
+        if "train" in cmd:
+            return 0, 10.0, False
+        if scoring_fails.pop(0) if scoring_fails else False:
+            return 1, 1.0, False
+        Path(cmd[cmd.index("--output") + 1]).write_text("{}")
+        return 0, 1.0, False
+
+    monkeypatch.setattr(study, "run_logged", fake_run_logged)
+    args = SimpleNamespace(out=tmp_path, steps=4, config=Path("c.yaml"), overrides=[], train_seconds=None,
+                           resume_later=False, num_t=2, max_batches=1)
+    job = study.Job("mdlm", 0)
+    assert not study.run_job(job, "cpu", args, [], {"sotu": Path("sotu.jsonl")})
+    assert study.run_job(job, "cpu", args, [], {"sotu": Path("sotu.jsonl")})  # the retry trains (resumes) again
+    assert json.loads((tmp_path / "runs" / "mdlm-s0" / "study.json").read_text())["train_seconds"] == 20.0
 
 
 def test_plateau_sentence_correlates_later_exits_with_higher_bounds():
