@@ -74,6 +74,8 @@ def pad_vocab(state: dict[str, torch.Tensor], num_tokens: int, num_rows: int) ->
     """The inverse of `strip_vocab_padding`: vocabulary tensors of num_tokens rows get zero rows up to num_rows,
     which is what the padding rows are in a model trained with them (zero at init, never a gradient). Tensors of
     any other length stay as they are, for load_state_dict to refuse."""
+    if num_rows == num_tokens:  # nothing to add: no copy
+        return state
 
     def padded(v: torch.Tensor) -> torch.Tensor:
         return torch.cat([v, v.new_zeros(num_rows - num_tokens, *v.shape[1:])])
@@ -339,9 +341,7 @@ class FinalLayer(nn.Module):
     def project(self, h: torch.Tensor) -> torch.Tensor:
         """Features (..., D) -> logits (..., num_tokens): the GEMM over every row (an aligned N), then the real
         columns (a view; the padding columns are never seen)."""
-        logits = self.linear(h)  # (..., num_rows)
-        num_tokens = self.linear.num_tokens
-        return logits if self.linear.out_features == num_tokens else logits[..., :num_tokens]
+        return self.linear(h)[..., : self.linear.num_tokens]  # (..., num_rows) -> (..., num_tokens)
 
 
 @torch.compiler.disable
