@@ -197,7 +197,8 @@ class RunCheckpoint:
 
 def read_checkpoint(path: str | Path) -> RunCheckpoint:
     """The checkpoint of atat train at `path` (a .pt file or a run folder), verified against its sidecar."""
-    return RunCheckpoint.from_dict(load_checkpoint(path), resolve_checkpoint(path))
+    path = resolve_checkpoint(path)
+    return RunCheckpoint.from_dict(load_checkpoint(path), path)
 
 
 def read_resume_checkpoint(run_dir: Path) -> tuple[RunCheckpoint, Path]:
