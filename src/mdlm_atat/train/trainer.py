@@ -17,7 +17,6 @@ import math
 import random
 import sys
 import time
-
 from pathlib import Path
 from typing import Any
 
@@ -59,8 +58,9 @@ def train(
     which follow `training.total_steps`. A new run needs a folder without another run's files; `restart` lets it
     start over a run that never saved a checkpoint (`--resume --config` relaunched). One process trains in a
     folder at a time (train/rundir.py). `checkpoint`: the (checkpoint, path) a resume continues from, when the
-    caller has read it already (the CLI does, for its config): a checkpoint is read once. Under torchrun every process calls this: it joins the process group,
-    trains its share of each global batch and leaves the group (train/distributed.py, docs/distributed.md).
+    caller has read it already (the CLI does, for its config): a checkpoint is read once. Under torchrun every
+    process calls this: it joins the process group, trains its share of each global batch and leaves the group
+    (train/distributed.py, docs/distributed.md).
     """
     dist_env = distributed.init_distributed(cfg.training.device)
     finished = False
@@ -136,6 +136,7 @@ def _train_locked(
     saved_tokenizer = Tokenizer.from_json(saved.tokenizer) if saved is not None else None
     # Rank 0 fills the tokenizer / token-store cache first; the others then reuse it.
     data = distributed.rank0_first(dist_env, lambda: build_run_data(cfg.data, tokenizer=saved_tokenizer))
+    pad_id = data.tokenizer.pad_id if cfg.data.padded else None  # what evaluation leaves out (packed: nothing)
     cfg = with_tokenizer_vocab(cfg, data.tokenizer)  # a new config: the validated one is never changed
     check_writable(run_dir, "--log-dir")  # only once the data is there: a failed start leaves no folder
     if not locks:  # a new folder: locked once made, and checked again (another command may have started there)
@@ -215,7 +216,7 @@ def _train_locked(
                 seed=tc.seed,
                 device=device,
                 autocast=autocast,
-                pad_id=data.tokenizer.pad_id if cfg.data.padded else None,
+                pad_id=pad_id,
             )
             improved = result.nelbo < state.best_val_nelbo
             if improved:
@@ -251,7 +252,7 @@ def _train_locked(
                     stage_betas(atat.curriculum),
                     eval_batches(data.val_blocks, batch_size, max_batches=1),  # 10 estimator passes per batch
                     balanced=cfg.atat.masking == "balanced",
-                    pad_id=data.tokenizer.pad_id if cfg.data.padded else None,
+                    pad_id=pad_id,
                     device=device,
                 )
                 metrics.write({"event": "masking_profile", "step": state.step, **profile}, console=False)
